@@ -1,0 +1,32 @@
+# nanoseek — `make test` and `make run` work on a fresh machine: they build .venv first.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+PYTHON  := $(BIN)/python
+STAMP   := $(VENV)/.installed
+
+.PHONY: install test test-slow run info bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install_torch.sh
+	@test -x $(PYTHON) || $(PY) -m venv $(VENV) $$($(PY) -c 'import torch' 2>/dev/null && echo --system-site-packages)
+	$(PYTHON) -m pip install -q --upgrade pip
+	sh scripts/install_torch.sh $(PYTHON)
+	$(PYTHON) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PYTHON) -m pytest
+
+test-slow: $(STAMP)
+	$(PYTHON) -m pytest -m slow
+
+run: $(STAMP)
+	$(BIN)/nanoseek info configs/deepseek-v2.json configs/deepseek-v2-lite.json configs/deepseek-v3.json configs/bench-v2-small.json
+
+bench: $(STAMP)
+	$(PYTHON) bench/forward.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

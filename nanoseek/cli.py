@@ -1,0 +1,45 @@
+"""The `nanoseek` command line: argparse subcommands, each a thin call into a package function.
+
+    nanoseek info configs/deepseek-v2.json
+    nanoseek --help
+
+Each module listed in COMMAND_MODULES has `register(subparsers)`, which adds its subcommand(s)
+and sets `func` on them. Modules keep heavy imports (torch, fastapi) inside their functions so
+that `nanoseek --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = [
+    "nanoseek.info",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanoseek",
+        description="MLA + DeepSeekMoE end to end: data, training, inference engine, cost-plus API.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rc = args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
