@@ -1,0 +1,173 @@
+"""Attention: Multi-head Latent Attention (DeepSeek-V2/V3) and grouped-query attention (Llama).
+
+MLA caches one vector per token per layer, the *latent* [c_kv (L) | k_pe (R)]: c_kv is the
+normalised low-rank projection that every head's key and value are decoded from (kv_b_proj), k_pe
+the rope key shared by all heads. Two ways to attend over it, which give the same result:
+
+- naive: decode per-head K [S, H, Dn+R] and V [S, H, Dv] from the latent, then ordinary attention.
+  Cheapest when many new tokens attend (training, prefill).
+- absorbed: fold kv_b_proj's key half W_UK into the query (q_nope @ W_UK: [T, H, L]) and its value
+  half W_UV into the output. Every head then attends the same latent, so attention is one head with
+  T*H queries over S keys of width L+R; no per-head K or V is ever built. Cheapest for decode.
+
+Notation: B batch, T new tokens, S keys (cached + new), H heads, G kv heads, Dn/Dv/D head dims,
+L kv_lora_rank, R rope dim, C hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.rope import apply_rope
+
+
+class KVCache(Protocol):
+    """Storage of per-token KV vectors [kv_cache_dim] per layer (the latent for MLA, K|V for GQA)."""
+
+    def update(self, layer_idx: int, new: torch.Tensor) -> torch.Tensor:
+        """Store new [B, T, D] after the cached tokens; return all of them [B, S, D]."""
+
+
+@dataclass
+class AttnInputs:
+    """What every attention layer of one forward shares."""
+
+    cos: torch.Tensor  # [B, T, R/2]
+    sin: torch.Tensor  # [B, T, R/2]
+    mask: torch.Tensor | None  # [B, T, S] bool, True where a query may see a key; None: causal, no cache
+    cache: KVCache | None = None
+    absorb: bool = False  # MLA only: attend over the latent directly
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 as the published checkpoints were trained."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           scale: float, enable_gqa: bool = False) -> torch.Tensor:
+    """SDPA over q [B, H, T, D], k [B, G, S, D], v [B, G, S, Dv] with mask [B, T, S] (None: causal)."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale,
+                                              enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale,
+                                          enable_gqa=enable_gqa)
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        C, H = cfg.hidden_size, cfg.num_attention_heads
+        self.n_heads, self.L, self.R = H, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        self.Dn, self.Dv = cfg.qk_nope_head_dim, cfg.v_head_dim
+        self.scale = cfg.softmax_scale
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(C, H * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(C, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(C, self.L + self.R, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.L, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.L, H * (self.Dn + self.Dv), bias=False)
+        self.o_proj = nn.Linear(H * self.Dv, C, bias=cfg.attention_bias)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.q_lora_rank is None:
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def latent(self, x: torch.Tensor, a: AttnInputs) -> torch.Tensor:
+        """The cached vector of each new token: [c_kv | roped k_pe], [B, T, L+R]."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.L, self.R], dim=-1)
+        k_pe = apply_rope(k_pe, a.cos, a.sin, self.cfg.rope_is_interleaved)
+        return torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)
+
+    def forward(self, x: torch.Tensor, a: AttnInputs, layer_idx: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.query(x).view(B, T, self.n_heads, self.Dn + self.R)
+        q_nope, q_pe = q.split([self.Dn, self.R], dim=-1)
+        q_pe = apply_rope(q_pe, a.cos, a.sin, self.cfg.rope_is_interleaved)
+        latent = self.latent(x, a)  # [B, T, L+R]
+        if a.cache is not None:
+            latent = a.cache.update(layer_idx, latent)  # [B, S, L+R]
+        attn = self._absorbed if a.absorb else self._naive
+        out = attn(q_nope, q_pe, latent, a.mask)  # [B, T, H, Dv]
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.Dv))
+
+    def _naive(self, q_nope, q_pe, latent, mask) -> torch.Tensor:
+        B, S, _ = latent.shape
+        H, Dn, Dv, R = self.n_heads, self.Dn, self.Dv, self.R
+        c_kv, k_pe = latent.split([self.L, R], dim=-1)
+        k_nope, v = self.kv_b_proj(c_kv).view(B, S, H, Dn + Dv).split([Dn, Dv], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, R)], dim=-1)  # [B, S, H, Dn+R]
+        q = torch.cat([q_nope, q_pe], dim=-1)  # [B, T, H, Dn+R]
+        # SDPA's fused CPU/GPU kernels want one head dim for q, k and v: pad V, slice after
+        v = F.pad(v, (0, Dn + R - Dv))
+        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)
+        return out.transpose(1, 2)[..., :Dv]  # [B, T, H, Dv]
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head: W_UK [H, Dn, L] and W_UV [H, Dv, L] (views, no copy)."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.Dn + self.Dv, self.L)
+        return w[:, : self.Dn], w[:, self.Dn:]
+
+    def _absorbed(self, q_nope, q_pe, latent, mask) -> torch.Tensor:
+        B, T, H, _ = q_nope.shape
+        S, L = latent.shape[1], self.L
+        w_uk, w_uv = self.absorbed_weights()
+        q_lat = torch.einsum("bthd,hdl->bthl", q_nope, w_uk)  # [B, T, H, L]
+        q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, 1, T * H, L + self.R)
+        if mask is None:  # causal over the new tokens themselves, per head
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None]
+        mask = mask[:, :, None, :].expand(mask.shape[0], T, H, S).reshape(mask.shape[0], T * H, S)
+        kv = latent[:, None]  # [B, 1, S, L+R]: the one key head, and (its first L dims) the value
+        o = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask[:, None], scale=self.scale)
+        o_lat = o[..., :L].reshape(B, T, H, L)
+        return torch.einsum("bthl,hvl->bthv", o_lat, w_uv)  # [B, T, H, Dv]
+
+
+class GQA(nn.Module):
+    """Llama attention: H query heads share G key/value heads; rope in the half-split layout."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        C, self.H, self.G, self.D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, \
+            cfg.attn_head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(C, self.H * self.D, bias=bias)
+        self.k_proj = nn.Linear(C, self.G * self.D, bias=bias)
+        self.v_proj = nn.Linear(C, self.G * self.D, bias=bias)
+        self.o_proj = nn.Linear(self.H * self.D, C, bias=bias)
+        self.scale = cfg.softmax_scale
+
+    def forward(self, x: torch.Tensor, a: AttnInputs, layer_idx: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, G, D = self.H, self.G, self.D
+        inter = self.cfg.rope_is_interleaved
+        q = apply_rope(self.q_proj(x).view(B, T, H, D), a.cos, a.sin, inter)
+        k = apply_rope(self.k_proj(x).view(B, T, G, D), a.cos, a.sin, inter)
+        v = self.v_proj(x).view(B, T, G, D)
+        if a.cache is not None:
+            kv = a.cache.update(layer_idx, torch.cat([k.flatten(2), v.flatten(2)], dim=-1))  # [B, S, 2GD]
+            S = kv.shape[1]
+            k, v = kv.view(B, S, 2, G, D).unbind(2)
+        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), a.mask, self.scale,
+                     enable_gqa=G != H)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))

@@ -1,0 +1,159 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts, with vectorised dispatch.
+
+    moe = MoE(cfg)
+    y, stats = moe(x)        # x [B, T, C]; stats.scores [N, E], stats.topk_idx [N, K] for the balance losses
+
+Routing follows the published models:
+- V2: softmax scores; `greedy` top-K, or `group_limited_greedy` (experts in n_group groups, a group
+  scored by its best expert, only the topk_group best groups eligible). Weights are the top-K
+  scores, normalised if norm_topk_prob (then not scaled), else times routed_scaling_factor.
+- V3: sigmoid scores; `noaux_tc` picks experts by score + e_score_correction_bias (a group scored by
+  the sum of its best two), weights come from the unbiased scores, normalised if norm_topk_prob,
+  always times routed_scaling_factor.
+Dispatch sorts the N*K (token, expert) pairs by expert and runs one matmul per active expert
+(torch._grouped_mm on CUDA in bf16), never a loop over tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+
+
+@dataclass
+class RouterStats:
+    """What the balance losses and load logging need from one MoE layer's routing."""
+
+    scores: torch.Tensor  # [N, E] fp32 routing probabilities (softmax or sigmoid), differentiable
+    topk_idx: torch.Tensor  # [N, K] chosen experts
+
+    def tokens_per_expert(self) -> torch.Tensor:
+        """[E] count of (token, expert) assignments."""
+        return torch.bincount(self.topk_idx.flatten(), minlength=self.scores.shape[-1])
+
+
+def _group_mask(scores: torch.Tensor, n_group: int, topk_group: int, top2: bool) -> torch.Tensor:
+    """[N, E] bool: experts in the topk_group best groups. A group's score is its best expert's
+    (V2) or the sum of its best two (V3)."""
+    N, E = scores.shape
+    grouped = scores.view(N, n_group, E // n_group)
+    group_score = grouped.topk(2, dim=-1).values.sum(-1) if top2 else grouped.max(dim=-1).values
+    keep = group_score.topk(topk_group, dim=-1, sorted=False).indices  # [N, topk_group]
+    mask = torch.zeros(N, n_group, dtype=torch.bool, device=scores.device).scatter_(1, keep, True)
+    return mask[:, :, None].expand(N, n_group, E // n_group).reshape(N, E)
+
+
+def route(logits: torch.Tensor, cfg: ModelConfig,
+          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Router logits [N, E] (fp32) -> (weights [N, K], expert ids [N, K], scores [N, E])."""
+    K = cfg.num_experts_per_tok
+    scores = logits.softmax(dim=-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
+    if cfg.topk_method == "noaux_tc":
+        choice = scores.detach() + bias
+        allowed = _group_mask(choice, cfg.n_group, cfg.topk_group, top2=True)
+        idx = choice.masked_fill(~allowed, float("-inf")).topk(K, dim=-1, sorted=False).indices
+        weights = scores.gather(1, idx)
+    elif cfg.topk_method == "group_limited_greedy":
+        allowed = _group_mask(scores, cfg.n_group, cfg.topk_group, top2=False)
+        weights, idx = scores.masked_fill(~allowed, 0.0).topk(K, dim=-1, sorted=False)
+    else:
+        weights, idx = scores.topk(K, dim=-1, sorted=False)
+    normalise = K > 1 and cfg.norm_topk_prob
+    if normalise:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    if not normalise or cfg.model_type == "deepseek_v3":
+        weights = weights * cfg.routed_scaling_factor
+    return weights, idx, scores
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.topk_method == "noaux_tc":  # V3: moved by the trainer from observed load, not by gradients
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight.float())  # [N, E], fp32 as in the published models
+        bias = None if self.e_score_correction_bias is None else self.e_score_correction_bias.float()
+        return route(logits, self.cfg, bias)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, inter: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """E routed SwiGLU experts stored stacked: gate_up_proj [E, 2I, C], down_proj [E, C, I].
+
+    Checkpoints keep them per expert (experts.{e}.gate_proj.weight, ...); checkpoint.py maps."""
+
+    def __init__(self, n_experts: int, hidden: int, inter: int):
+        super().__init__()
+        self.n_experts, self.inter = n_experts, inter
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
+        self.impl = "auto"  # "loop" | "grouped" | "auto" (grouped on CUDA bf16)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, C], idx/weights [N, K] -> sum_k weights[n, k] * expert_{idx[n, k]}(x[n]), [N, C]."""
+        N, K = idx.shape
+        flat = idx.flatten()  # [N*K]
+        order = flat.argsort(stable=True)
+        token = order // K  # the token of each sorted (token, expert) pair
+        xs = x[token]  # [N*K, C], grouped by expert
+        counts = torch.bincount(flat, minlength=self.n_experts)  # [E]
+        impl = self.impl
+        if impl == "auto":
+            impl = "grouped" if x.is_cuda and x.dtype == torch.bfloat16 else "loop"
+        if impl == "grouped":
+            offs = counts.cumsum(0).to(torch.int32)
+            h = torch._grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs=offs)  # [N*K, 2I]
+            g, u = h.chunk(2, dim=-1)
+            ys = torch._grouped_mm(F.silu(g) * u, self.down_proj.transpose(-2, -1), offs=offs)
+        else:
+            chunks = []
+            for e, xe in enumerate(xs.split(counts.tolist())):
+                if xe.shape[0] == 0:
+                    continue
+                g, u = F.linear(xe, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n_e, I] each
+                chunks.append(F.linear(F.silu(g) * u, self.down_proj[e]))  # [n_e, C]
+            ys = torch.cat(chunks) if chunks else xs.new_zeros(0, x.shape[1])
+        ys = ys * weights.flatten()[order, None].to(ys.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = None
+        if cfg.n_shared_experts:
+            self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [N, C]
+        weights, idx, scores = self.gate(flat)
+        y = self.experts(flat, idx, weights).view(shape)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y, RouterStats(scores=scores, topk_idx=idx)
