@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMAND_MODULES = [
@@ -38,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
+        if os.environ.get("NANOSEEK_DEBUG"):
+            raise
+        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

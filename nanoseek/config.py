@@ -91,6 +91,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.model_type == "llama" and self.head_dim is None and self.num_attention_heads:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        elif self.model_type != "llama":
+            self.head_dim = None  # transformers writes qk_rope_head_dim here; MLA derives its dims
         if self.rope_scaling is not None:
             self.rope_scaling = dict(self.rope_scaling)
             kind = self.rope_scaling.pop("rope_type", None) or self.rope_scaling.pop("type", None)
