@@ -1,0 +1,210 @@
+"""`nanoseek keys ...` and `nanoseek price ...`: manage API keys and show the price sheet.
+
+    nanoseek keys create --name alice --balance 10      # prints the secret once, on stdout
+    nanoseek keys list [--json]                          # never shows secrets
+    nanoseek keys topup alice 5.50
+    nanoseek keys revoke alice
+    nanoseek price show [--prices runs/prices.json] [--json]
+    nanoseek price set --hardware-cost-per-hour 2.5 --prefill-tps 9000 --cached-tps 90000 \\
+        --decode-tps 1200 --decode-batch-size 32 [--margin 0.10]
+
+Every keys command takes --db URL (default $NANOSEEK_DB, else sqlite:///runs/nanoseek.db).
+The engine's `price calibrate` adds itself under `price` through `price_commands(subparsers)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DEFAULT_PRICES = "runs/prices.json"
+
+
+def _default_db() -> str:
+    return os.environ.get("NANOSEEK_DB") or "sqlite:///runs/nanoseek.db"
+
+
+def _add_db(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default=None, metavar="URL",
+                   help="sqlite:///FILE, a file path, or postgresql+psycopg://... "
+                        "(default: $NANOSEEK_DB or sqlite:///runs/nanoseek.db)")
+
+
+def price_commands(subparsers) -> argparse._SubParsersAction:
+    """The `price` command's subcommand list, created on first use, so modules can add to it."""
+    parser = subparsers.choices.get("price")
+    if parser is None:
+        parser = subparsers.add_parser("price", help="cost-plus prices: show, set, calibrate")
+        parser.set_defaults(func=lambda args: parser.print_help() or 2)
+        parser._nanoseek_sub = parser.add_subparsers(dest="price_command", metavar="ACTION")
+    return parser._nanoseek_sub
+
+
+def register(subparsers) -> None:
+    keys = subparsers.add_parser("keys", help="API keys: create, list, topup, revoke")
+    keys.set_defaults(func=lambda args: keys.print_help() or 2)
+    ks = keys.add_subparsers(dest="keys_command", metavar="ACTION")
+
+    p = ks.add_parser("create", help="create a key and print its secret (shown only once)")
+    p.add_argument("--name", required=True, help="a unique name for the key")
+    p.add_argument("--balance", default="0", help="starting balance, an exact decimal (default 0)")
+    _add_db(p)
+    p.set_defaults(func=cmd_create)
+
+    p = ks.add_parser("list", help="list keys with balances (no secrets)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_db(p)
+    p.set_defaults(func=cmd_list)
+
+    p = ks.add_parser("topup", help="add to a key's balance")
+    p.add_argument("key", metavar="NAME_OR_ID")
+    p.add_argument("amount", metavar="AMOUNT", help="an exact decimal > 0")
+    _add_db(p)
+    p.set_defaults(func=cmd_topup)
+
+    p = ks.add_parser("revoke", help="stop a key from authenticating")
+    p.add_argument("key", metavar="NAME_OR_ID")
+    _add_db(p)
+    p.set_defaults(func=cmd_revoke)
+
+    prices = price_commands(subparsers)
+    p = prices.add_parser("show", help="print the price sheet and how it was derived")
+    p.add_argument("--prices", default=DEFAULT_PRICES, metavar="FILE", help=f"default {DEFAULT_PRICES}")
+    p.add_argument("--json", action="store_true", help="print the sheet's JSON")
+    p.set_defaults(func=cmd_price_show)
+
+    p = prices.add_parser("set", help="derive prices from throughput numbers you measured yourself")
+    g = p.add_argument_group("measurements (aggregate tokens per second)")
+    g.add_argument("--prefill-tps", required=True, help="prompt tokens/s missing the context cache")
+    g.add_argument("--cached-tps", required=True, help="prompt tokens/s read from the context cache")
+    g.add_argument("--decode-tps", required=True, help="output tokens/s over the whole decode batch")
+    g.add_argument("--decode-batch-size", type=int, default=1, help="batch the decode rate was measured at")
+    g = p.add_argument_group("money")
+    g.add_argument("--hardware-cost-per-hour", required=True, help="what the machine costs per hour")
+    g.add_argument("--margin", default="0.10", help="price = cost * (1 + margin); default 0.10")
+    g.add_argument("--currency", default="USD")
+    p.add_argument("--model", default="", help="the model these prices are for")
+    p.add_argument("--prices", default=DEFAULT_PRICES, metavar="FILE", help=f"output, default {DEFAULT_PRICES}")
+    p.set_defaults(func=cmd_price_set)
+
+
+def _accounts(args):
+    from .accounts import Accounts
+
+    return Accounts(args.db or _default_db())
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _key_dict(k) -> dict:
+    from .protocol import format_money
+
+    return {"id": k.id, "name": k.name, "prefix": k.key_prefix, "balance": format_money(k.balance),
+            "held": format_money(k.held), "available": format_money(k.available),
+            "created_at": k.created_at.isoformat(timespec="seconds"),
+            "revoked_at": k.revoked_at.isoformat(timespec="seconds") if k.revoked_at else None}
+
+
+def cmd_create(args) -> int:
+    from .accounts import AccountsError
+
+    acc = _accounts(args)
+    try:
+        key, secret = acc.create_key(args.name, args.balance)
+    except AccountsError as e:
+        return _fail(str(e))
+    finally:
+        acc.close()
+    d = _key_dict(key)
+    print(f"created key {d['name']!r} (id {d['id']}) with balance {d['balance']}; "
+          "the secret below is shown only now:", file=sys.stderr)
+    print(secret)
+    return 0
+
+
+def cmd_list(args) -> int:
+    acc = _accounts(args)
+    try:
+        rows = [_key_dict(k) for k in acc.list_keys()]
+    finally:
+        acc.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    cols = ["id", "name", "prefix", "balance", "held", "available", "created_at", "revoked_at"]
+    table = [cols] + [[str(r[c] if r[c] is not None else "-") for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    for row in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _change(args, action) -> int:
+    from .accounts import AccountsError
+
+    acc = _accounts(args)
+    try:
+        key = action(acc)
+    except AccountsError as e:
+        return _fail(str(e))
+    finally:
+        acc.close()
+    d = _key_dict(key)
+    state = f"revoked at {d['revoked_at']}" if d["revoked_at"] else "active"
+    print(f"key {d['name']!r} (id {d['id']}): balance {d['balance']}, available {d['available']}, {state}")
+    return 0
+
+
+def cmd_topup(args) -> int:
+    return _change(args, lambda acc: acc.topup(args.key, args.amount))
+
+
+def cmd_revoke(args) -> int:
+    return _change(args, lambda acc: acc.revoke(args.key))
+
+
+def cmd_price_show(args) -> int:
+    from .pricing import PriceSheet, PricingError
+
+    try:
+        sheet = PriceSheet.load(args.prices)
+    except PricingError as e:
+        return _fail(str(e))
+    if args.json:
+        print(sheet.to_json(), end="")
+        return 0
+    _print_sheet(sheet)
+    return 0
+
+
+def _print_sheet(sheet) -> None:
+    d, t = sheet.to_dict(), sheet.throughput
+    print(f"model {sheet.model or '-'}, prices in {sheet.currency} per 1M tokens "
+          f"(margin {sheet.margin}, created {sheet.created})")
+    print(f"{'':12}{'price':>14}{'cost':>14}{'tokens/s':>14}")
+    for name, tps in (("input_hit", t.cached_tokens_per_s), ("input_miss", t.prefill_tokens_per_s),
+                      ("output", t.decode_tokens_per_s)):
+        print(f"{name:12}{d['prices'][name]:>14}{d['derivation']['costs'][name]:>14}{str(tps):>14}")
+    print(f"hardware {sheet.hardware_cost_per_hour} {sheet.currency}/hour, "
+          f"decode batch size {t.decode_batch_size}")
+
+
+def cmd_price_set(args) -> int:
+    from .pricing import PricingError, Throughput, derive_price_sheet
+
+    try:
+        sheet = derive_price_sheet(
+            Throughput(args.prefill_tps, args.cached_tps, args.decode_tps, args.decode_batch_size),
+            args.hardware_cost_per_hour, args.margin, currency=args.currency, model=args.model,
+            notes="set by hand with `nanoseek price set`")
+    except PricingError as e:
+        return _fail(str(e))
+    path = sheet.save(args.prices)
+    _print_sheet(sheet)
+    print(f"saved {path}")
+    return 0

@@ -1,0 +1,356 @@
+"""Pydantic v2 schemas of the OpenAI/DeepSeek HTTP API: what clients send and what we answer.
+
+    from nanoseek.serve.protocol import ChatCompletionRequest, ChatCompletion, Usage, sse, SSE_DONE
+
+    req = ChatCompletionRequest.model_validate(body)     # unknown fields ignored, bad values raise
+    usage = Usage.from_counts(hit=512, miss=64, output=100)
+    resp = ChatCompletion.build(id="chatcmpl-1", model="demo", text="hi", finish_reason="stop",
+                                usage=usage)
+    yield sse(chunk); yield SSE_DONE                      # Server-Sent Events framing
+    body = validation_error_body(exc)                    # 422 body naming the parameter
+
+Requests ignore unknown fields, as OpenAI does; out-of-range values raise a ValidationError that
+`validation_error_body` turns into `{"error": {"message", "type", "param", "code"}}`.
+Responses carry DeepSeek's usage fields (prompt_cache_hit_tokens / prompt_cache_miss_tokens)
+beside OpenAI's prompt_tokens_details.cached_tokens, so both kinds of client read cache hits.
+"""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+FinishReason = Literal["stop", "length", "content_filter"]
+MAX_STOP = 16
+MAX_N = 16
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------- errors
+class ErrorDetail(_Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(_Response):
+    error: ErrorDetail
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return ErrorBody(error=ErrorDetail(message=message, type=type, param=param, code=code)).model_dump()
+
+
+def validation_error_body(exc: ValidationError) -> dict[str, Any]:
+    """OpenAI-shaped 422 body; param is the dotted path of the first bad field (e.g. messages.0.role)."""
+    errs = exc.errors(include_url=False)
+    first = errs[0] if errs else {"loc": (), "msg": str(exc)}
+    # drop the union-branch names pydantic adds to locations ("str", "list[int]", ...)
+    loc = [str(p) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p in _TYPE_NAMES))]
+    param = ".".join(loc) or None
+    text = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errs[:5])
+    return error_body(f"invalid request: {text}", "invalid_request_error", param, "invalid_value")
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "function-after", "function-before"}
+
+
+# ---------------------------------------------------------------------------- requests
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    prefix: bool = False            # DeepSeek beta: continue this assistant message
+    reasoning_content: str | None = None
+
+    @property
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+    @model_validator(mode="after")
+    def _content_present(self) -> "ChatMessage":
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Request):
+    type: Literal["text"] = "text"
+
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
+class _SamplingRequest(_Request):
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: Temperature | None = None
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)       # -1 and 0 mean "off", as in vLLM
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        stops = [v] if isinstance(v, str) else v
+        if stops is not None:
+            if len(stops) > MAX_STOP:
+                raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
+            if any(not s for s in stops):
+                raise ValueError("stop sequences must be non-empty strings")
+        return v
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)   # OpenAI's newer name
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+
+Prompt = Union[Annotated[str, Field(min_length=1)],
+               Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)],
+               Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)],
+               Annotated[list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]],
+                         Field(min_length=1)]]
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: Prompt
+    suffix: str | None = None           # fill-in-the-middle: text that follows the completion
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool = False
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s) as a list: each one text or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if isinstance(p[0], str):
+            return list(p)
+        if isinstance(p[0], int):
+            return [list(p)]
+        return [list(x) for x in p]
+
+
+# ---------------------------------------------------------------------------- responses
+class PromptTokensDetails(_Response):
+    cached_tokens: int = 0
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_cache_hit_tokens: int = 0
+    prompt_cache_miss_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+
+    @classmethod
+    def from_counts(cls, hit: int, miss: int, output: int) -> "Usage":
+        return cls(prompt_tokens=hit + miss, completion_tokens=output, total_tokens=hit + miss + output,
+                   prompt_cache_hit_tokens=hit, prompt_cache_miss_tokens=miss,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=hit))
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(_Response):
+    content: list[TokenLogprob] | None = None
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    reasoning_content: str | None = None
+
+
+class ChatChoice(_Response):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class ChatCompletion(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+    @classmethod
+    def build(cls, id: str, model: str, text: str, finish_reason: FinishReason, usage: Usage,
+              logprobs: ChoiceLogprobs | None = None) -> "ChatCompletion":
+        choice = ChatChoice(index=0, message=AssistantMessage(content=text), logprobs=logprobs,
+                            finish_reason=finish_reason)
+        return cls(id=id, model=model, choices=[choice], usage=usage)
+
+
+class Delta(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+
+
+class ChunkChoice(_Response):
+    index: int
+    delta: Delta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None            # only on the final usage chunk (choices == [])
+    system_fingerprint: str | None = None
+
+
+class CompletionLogprobs(_Response):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None   # None only inside a stream
+
+
+class Completion(_Response):
+    """Both the whole response and each streamed chunk of /v1/completions."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "nanoseek"
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class BalanceInfo(_Response):
+    currency: str
+    total_balance: str
+    granted_balance: str
+    topped_up_balance: str
+
+
+class UserBalance(_Response):
+    """DeepSeek's GET /user/balance: amounts as strings, as DeepSeek sends them."""
+
+    is_available: bool
+    balance_infos: list[BalanceInfo]
+
+    @classmethod
+    def from_available(cls, available: Decimal, currency: str = "USD") -> "UserBalance":
+        amount = format_money(available)
+        return cls(is_available=available > 0,
+                   balance_infos=[BalanceInfo(currency=currency, total_balance=amount,
+                                              granted_balance="0.00", topped_up_balance=amount)])
+
+
+def format_money(amount: Decimal) -> str:
+    """At least two decimals, no trailing zeros beyond them: 1.5 -> "1.50", 0.000012 -> "0.000012"."""
+    text = f"{amount:f}"
+    if "." not in text:
+        return text + ".00"
+    whole, frac = text.split(".")
+    frac = frac.rstrip("0")
+    return f"{whole}.{frac.ljust(2, '0')}"
+
+
+# ---------------------------------------------------------------------------- server-sent events
+SSE_DONE = "data: [DONE]\n\n"
+SSE_KEEP_ALIVE = ": keep-alive\n\n"
+
+
+def sse(event: BaseModel) -> str:
+    return f"data: {event.model_dump_json()}\n\n"
