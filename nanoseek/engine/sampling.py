@@ -1,0 +1,271 @@
+"""SamplingParams (vLLM's names) and sampling as pure functions over a batch of logits [B, V].
+
+    params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=64, seed=1)
+    gens = [make_generator(p.seed) for p in batch_params]       # one per request, kept across steps
+    out = sample(logits, batch_params, prompt_ids, output_ids, gens, eos_token_ids=[2])
+    out.token_ids                                               # [B] next tokens
+
+Each row has its own params. The pipeline, row by row: min_tokens (EOS and stop ids masked while too
+few tokens), repetition/frequency/presence penalties, then greedy argmax when temperature == 0, else
+temperature, top_k, top_p, min_p and a draw. A seeded request draws from its own torch.Generator and
+only for its own row, so its tokens do not depend on which other requests share the batch.
+
+Logprobs follow vLLM's default and OpenAI: the log-softmax of the model's raw logits, before
+penalties, temperature and filters, so they describe the model and not the sampling settings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+MAX_LOGPROBS = 20       # OpenAI's cap on top_logprobs
+GREEDY_BELOW = 1e-5     # temperatures under this are greedy: dividing by them overflows
+
+
+class SamplingParamsError(ValueError):
+    """A sampling value outside its allowed range."""
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1              # -1: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int | None = 16  # None: up to the model's context
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None  # number of top logprobs per token; 0: only the chosen token's
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise SamplingParamsError(msg)
+
+        def is_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_real(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        need(is_int(self.n) and self.n >= 1, f"n={self.n!r} must be an integer >= 1")
+        need(is_real(self.temperature) and self.temperature >= 0,
+             f"temperature={self.temperature!r} must be a finite number >= 0 (0 is greedy)")
+        need(is_real(self.top_p) and 0 < self.top_p <= 1, f"top_p={self.top_p!r} must be in (0, 1]")
+        need(is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1),
+             f"top_k={self.top_k!r} must be -1 (off) or an integer >= 1")
+        need(is_real(self.min_p) and 0 <= self.min_p <= 1, f"min_p={self.min_p!r} must be in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            need(is_real(v) and -2 <= v <= 2, f"{name}={v!r} must be in [-2, 2]")
+        need(is_real(self.repetition_penalty) and self.repetition_penalty > 0,
+             f"repetition_penalty={self.repetition_penalty!r} must be > 0 (1 is off)")
+        need(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1),
+             f"max_tokens={self.max_tokens!r} must be an integer >= 1 or None")
+        need(is_int(self.min_tokens) and self.min_tokens >= 0,
+             f"min_tokens={self.min_tokens!r} must be an integer >= 0")
+        need(self.max_tokens is None or self.min_tokens <= self.max_tokens,
+             f"min_tokens={self.min_tokens} must be <= max_tokens={self.max_tokens}")
+        need(all(isinstance(s, str) and s for s in self.stop),
+             f"stop={self.stop!r} must be a list of non-empty strings")
+        need(all(is_int(t) and t >= 0 for t in self.stop_token_ids),
+             f"stop_token_ids={self.stop_token_ids!r} must be a list of token ids >= 0")
+        need(self.seed is None or is_int(self.seed), f"seed={self.seed!r} must be an integer or None")
+        need(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+             f"logprobs={self.logprobs!r} must be None or an integer in [0, {MAX_LOGPROBS}]")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor                    # [B] long
+    logprobs: torch.Tensor | None = None       # [B] raw logprob of each chosen token
+    top_token_ids: torch.Tensor | None = None  # [B, k] k = the largest `logprobs` asked in the batch
+    top_logprobs: torch.Tensor | None = None   # [B, k]
+
+
+def make_generator(seed: int | None) -> torch.Generator | None:
+    """A request's own random stream; None uses torch's global one."""
+    if seed is None:
+        return None
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+# ---------------------------------------------------------------------- pure building blocks
+def token_counts(id_lists: Sequence[Sequence[int]], vocab_size: int) -> torch.Tensor:
+    """[B, V] how often each token occurs in each row's list."""
+    counts = torch.zeros(len(id_lists), vocab_size, dtype=torch.long)
+    for row, ids in enumerate(id_lists):
+        if len(ids):
+            counts[row] = torch.bincount(torch.as_tensor(list(ids), dtype=torch.long),
+                                         minlength=vocab_size)
+    return counts
+
+
+def apply_penalties(logits: torch.Tensor, prompt_mask: torch.Tensor, output_counts: torch.Tensor,
+                    presence: torch.Tensor, frequency: torch.Tensor,
+                    repetition: torch.Tensor) -> torch.Tensor:
+    """logits [B, V]; prompt_mask [B, V] bool; output_counts [B, V]; penalties [B].
+
+    Repetition (CTRL/HF): tokens seen in prompt or output are made less likely, dividing a positive
+    logit and multiplying a negative one. Frequency and presence (OpenAI): subtract
+    frequency * count and presence * (count > 0) for tokens of the output only.
+    """
+    seen = prompt_mask | (output_counts > 0)
+    r = repetition[:, None].expand_as(logits)
+    penalized = torch.where(logits > 0, logits / r, logits * r)
+    logits = torch.where(seen, penalized, logits)
+    counts = output_counts.to(logits.dtype)
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(logits.dtype)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] / temperature [B]; greedy rows (below GREEDY_BELOW) are left as they are."""
+    t = torch.where(temperature < GREEDY_BELOW, torch.ones_like(temperature), temperature)
+    return logits / t[:, None]
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep each row's top_k [B] logits (-1 or >= V: all); ties at the k-th value are kept."""
+    V = logits.shape[-1]
+    active = (top_k >= 1) & (top_k < V)
+    if not bool(active.any()):
+        return logits
+    k = torch.where(active, top_k, torch.ones_like(top_k))
+    k_max = int(k.max())
+    top_vals = logits.topk(k_max, dim=-1).values                 # [B, k_max], descending
+    kth = top_vals.gather(1, (k - 1)[:, None])                   # [B, 1]
+    kth = torch.where(active[:, None], kth, torch.full_like(kth, -math.inf))
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches top_p [B] (nucleus)."""
+    active = top_p < 1
+    if not bool(active.any()):
+        return logits
+    probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)  # [B, V]
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop_sorted = (mass_before >= top_p[:, None]) & active[:, None]     # the top token never drops
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, -math.inf)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens less likely than min_p [B] times the row's most likely token."""
+    active = min_p > 0
+    if not bool(active.any()):
+        return logits
+    probs = logits.softmax(dim=-1)
+    threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill((probs < threshold) & active[:, None], -math.inf)
+
+
+def random_sample(probs: torch.Tensor,
+                  generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Draw one token per row of probs [B, V]: argmax(p / Exp(1) noise), exact for categorical
+    sampling, and each seeded row's noise comes from its own generator only."""
+    noise = torch.empty_like(probs)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if unseeded:
+        noise[unseeded] = torch.empty(len(unseeded), probs.shape[-1], dtype=probs.dtype).exponential_()
+    for i, g in enumerate(generators):
+        if g is not None:
+            noise[i].exponential_(generator=g)
+    return (probs / noise).argmax(dim=-1)
+
+
+def mask_tokens(logits: torch.Tensor, rows_to_ids: dict[int, list[int]]) -> torch.Tensor:
+    """Set logits[row, ids] to -inf for each row in rows_to_ids."""
+    if not rows_to_ids:
+        return logits
+    logits = logits.clone()
+    V = logits.shape[-1]
+    for row, ids in rows_to_ids.items():
+        ids = [t for t in ids if 0 <= t < V]
+        if ids:
+            logits[row, ids] = -math.inf
+    return logits
+
+
+# ---------------------------------------------------------------------- the batch sampler
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
+           prompt_ids: Sequence[Sequence[int]], output_ids: Sequence[Sequence[int]],
+           generators: Sequence[torch.Generator | None] | None = None,
+           eos_token_ids: Sequence[int] = ()) -> SamplerOutput:
+    """Next token for each row of logits [B, V] under that row's params.
+
+    prompt_ids / output_ids: each row's prompt and generated tokens (for penalties and min_tokens).
+    generators: one per row (None for unseeded rows); the caller keeps each request's generator
+    across steps so a seeded request continues its own stream.
+    """
+    B, V = logits.shape
+    for name, xs in (("params", params), ("prompt_ids", prompt_ids), ("output_ids", output_ids)):
+        if len(xs) != B:
+            raise ValueError(f"{name} has {len(xs)} rows, logits have {B}")
+    generators = list(generators) if generators is not None else [None] * B
+    if len(generators) != B:
+        raise ValueError(f"generators has {len(generators)} rows, logits have {B}")
+    raw = logits.float()
+    x = raw
+
+    banned = {}  # min_tokens: neither EOS nor stop ids may end the output too early
+    for i, p in enumerate(params):
+        if len(output_ids[i]) < p.min_tokens:
+            banned[i] = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
+    x = mask_tokens(x, banned)
+
+    if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
+        prompt_mask = token_counts(prompt_ids, V) > 0
+        x = apply_penalties(x, prompt_mask, token_counts(output_ids, V),
+                            torch.tensor([p.presence_penalty for p in params]),
+                            torch.tensor([p.frequency_penalty for p in params]),
+                            torch.tensor([float(p.repetition_penalty) for p in params]))
+
+    token_ids = x.argmax(dim=-1)
+    rand_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+    if rand_rows:
+        sub = [params[i] for i in rand_rows]
+        y = x[rand_rows]                                                   # [b, V]
+        y = apply_temperature(y, torch.tensor([float(p.temperature) for p in sub]))
+        y = apply_top_k(y, torch.tensor([p.top_k for p in sub]))
+        y = apply_top_p(y, torch.tensor([float(p.top_p) for p in sub]))
+        y = apply_min_p(y, torch.tensor([float(p.min_p) for p in sub]))
+        token_ids[rand_rows] = random_sample(y.softmax(dim=-1), [generators[i] for i in rand_rows])
+
+    out = SamplerOutput(token_ids=token_ids)
+    asked = [p.logprobs for p in params if p.logprobs is not None]
+    if asked:
+        logp = raw.log_softmax(dim=-1)                                     # [B, V]
+        out.logprobs = logp.gather(1, token_ids[:, None]).squeeze(1)
+        k = max(asked)
+        if k > 0:
+            out.top_logprobs, out.top_token_ids = logp.topk(min(k, V), dim=-1)
+    return out
