@@ -34,10 +34,10 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, select
+from sqlalchemy import Engine, and_, func, literal, select
 from sqlalchemy.exc import IntegrityError
 
-from .db import DEFAULT_DB, api_keys, holds, ledger, open_engine, topups, utcnow
+from .db import DEFAULT_DB, Money, api_keys, holds, ledger, open_engine, topups, utcnow
 from .pricing import MONEY_PLACES, UnitPrices, request_cost, to_decimal
 
 SECRET_PREFIX = "sk-"
@@ -150,6 +150,12 @@ def parse_amount(value: Any, name: str = "amount", *, positive: bool = False) ->
     return d
 
 
+def _money(amount: Decimal):
+    # explicit type: arithmetic on Money columns yields plain BigInteger expressions, which would
+    # bind a Decimal unscaled (0.5 instead of 500000000 units) in a comparison
+    return literal(amount, type_=Money)
+
+
 def _key(row) -> Key:
     return Key(row.id, row.name, row.key_prefix, row.balance, row.held, row.created_at, row.revoked_at)
 
@@ -219,7 +225,7 @@ class Accounts:
             if row.balance + amount > MAX_AMOUNT:
                 raise AccountsError(f"balance {row.balance} + {amount} would exceed {MAX_AMOUNT}")
             conn.execute(api_keys.update().where(api_keys.c.id == row.id)
-                         .values(balance=api_keys.c.balance + amount))
+                         .values(balance=api_keys.c.balance + _money(amount)))
             conn.execute(topups.insert().values(key_id=row.id, amount=amount, note=note,
                                                 created_at=utcnow()))
         return self.get_key(row.id)
@@ -263,8 +269,8 @@ class Accounts:
             taken = conn.execute(
                 api_keys.update()
                 .where(and_(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None),
-                            api_keys.c.balance - api_keys.c.held >= amount))
-                .values(held=api_keys.c.held + amount)).rowcount
+                            api_keys.c.balance >= api_keys.c.held + _money(amount)))
+                .values(held=api_keys.c.held + _money(amount))).rowcount
             if taken != 1:
                 row = self._find(conn, key_id)
                 if row.revoked_at is not None:
@@ -289,7 +295,7 @@ class Accounts:
             except IntegrityError:  # only reachable when a request id was reused; rolls back
                 raise DuplicateRequest(f"request {r.request_id!r} was already billed") from None
             conn.execute(api_keys.update().where(api_keys.c.id == r.key_id).values(
-                balance=api_keys.c.balance - amount, held=api_keys.c.held - hold.amount))
+                balance=api_keys.c.balance - _money(amount), held=api_keys.c.held - _money(hold.amount)))
             return _ledger_row(conn.execute(select(ledger).where(ledger.c.id == row_id)).one())
 
     @staticmethod
@@ -306,7 +312,7 @@ class Accounts:
         with self.engine.begin() as conn:
             hold = self._take_hold(conn, reservation)
             conn.execute(api_keys.update().where(api_keys.c.id == reservation.key_id)
-                         .values(held=api_keys.c.held - hold.amount))
+                         .values(held=api_keys.c.held - _money(hold.amount)))
 
     def _take_hold(self, conn, r: Reservation):
         """Lock and delete the request's hold; whoever deletes it is the only one to bill it."""
@@ -331,7 +337,7 @@ class Accounts:
             for h in stale:
                 conn.execute(holds.delete().where(holds.c.request_id == h.request_id))
                 conn.execute(api_keys.update().where(api_keys.c.id == h.key_id)
-                             .values(held=api_keys.c.held - h.amount))
+                             .values(held=api_keys.c.held - _money(h.amount)))
                 released += 1
         return released
 
