@@ -1,0 +1,236 @@
+"""Byte-level BPE tokenizer: train one on our data, or load a published one (DeepSeek's included).
+
+    tok = train_tokenizer(texts, vocab_size=8192, out_dir="runs/data")   # writes tokenizer.json
+    tok = load_tokenizer("runs/data")            # or a DeepSeek model folder, or a tokenizer.json
+    ids = tok.encode("def f(x):\n    return x", add_bos=True)
+    tok.decode(ids)                              # round-trips any UTF-8 text
+    tok.bos_id, tok.eos_id, tok.pad_id, tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}])   # a string: encode it
+
+What we train: GPT-4-style pre-splitting (letters, 1-3 digit groups, punctuation runs, whitespace
+runs) over bytes, no normaliser, so every string maps to bytes and back unchanged. Special tokens
+(BOS, EOS, PAD, chat roles, fill-in-the-middle) take ids 0..9. Saved as `tokenizer.json` plus a
+`tokenizer_config.json` holding the special tokens and a Jinja chat template, so
+`transformers.AutoTokenizer.from_pretrained(out_dir)` loads it and renders the same prompts.
+
+Loading reads the special tokens from `tokenizer_config.json` when present (strings or DeepSeek's
+{"content": ...} objects) and finds FIM tokens under our names or DeepSeek's (fim▁begin/hole/end).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+import tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
+CHAT_ROLES = ("system", "user", "assistant")
+ROLE_TOKENS = {role: f"<|{role}|>" for role in CHAT_ROLES}
+SPECIAL_TOKENS = [BOS, EOS, PAD, *ROLE_TOKENS.values(), FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE]
+# names of the FIM tokens in published tokenizers: ours, DeepSeek (Coder/V2/V3), StarCoder
+FIM_NAMES = {
+    "prefix": (FIM_PREFIX, "<｜fim▁begin｜>", "<fim_prefix>"),
+    "suffix": (FIM_SUFFIX, "<｜fim▁hole｜>", "<fim_suffix>"),
+    "middle": (FIM_MIDDLE, "<｜fim▁end｜>", "<fim_middle>"),
+}
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}"""
+                 r"""| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""")
+# Each turn is <|role|>content<|eos|>, so a model trained on it stops on EOS by itself.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown chat role ' ~ message['role'] ~ '; expected system, user or assistant') }}"
+    "{% endif %}"
+    "{{ '<|' ~ message['role'] ~ '|>' ~ message['content'] ~ eos_token }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
+
+
+class TokenizerError(ValueError):
+    """A tokenizer folder or file that cannot be used."""
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the special ids and the chat template the rest of nanoseek needs."""
+
+    def __init__(self, tok: tokenizers.Tokenizer, config: dict | None = None):
+        self.tok = tok
+        self.config = dict(config or {})
+        self.bos_id = self._special_id("bos_token", BOS)
+        self.eos_id = self._special_id("eos_token", EOS)
+        self.pad_id = self._special_id("pad_token", PAD)
+        if self.pad_id is None:  # DeepSeek pads with EOS; so do we when a tokenizer has no PAD
+            self.pad_id = self.eos_id
+        self.fim_prefix_id, self.fim_suffix_id, self.fim_middle_id = (
+            self._first_id(FIM_NAMES[k]) for k in ("prefix", "suffix", "middle"))
+        self.chat_template: str | None = self.config.get("chat_template")
+
+    # ------------------------------------------------------------------ special tokens
+    def _special_id(self, key: str, default: str) -> int | None:
+        value = self.config.get(key, default)
+        if isinstance(value, dict):  # published configs store AddedToken objects
+            value = value.get("content")
+        return self.tok.token_to_id(value) if isinstance(value, str) else None
+
+    def _first_id(self, names: Iterable[str]) -> int | None:
+        for name in names:
+            i = self.tok.token_to_id(name)
+            if i is not None:
+                return i
+        return None
+
+    @property
+    def bos_token(self) -> str | None:
+        return None if self.bos_id is None else self.tok.id_to_token(self.bos_id)
+
+    @property
+    def eos_token(self) -> str | None:
+        return None if self.eos_id is None else self.tok.id_to_token(self.eos_id)
+
+    # ------------------------------------------------------------------ encode / decode
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if add_bos:
+            if self.bos_id is None:
+                raise TokenizerError("add_bos=True but this tokenizer has no BOS token")
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.tok.id_to_token(i)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    # ------------------------------------------------------------------ chat
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt string for `messages` ([{"role", "content"}]), rendered as transformers does."""
+        if self.chat_template is None:
+            raise TokenizerError("this tokenizer has no chat_template (tokenizer_config.json)")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise TokenizerError(f"messages[{i}]={m!r}: expected a dict with 'role' and 'content'")
+        return _compile_template(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+    # ------------------------------------------------------------------ io
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write tokenizer.json and tokenizer_config.json into `out_dir` (each atomically)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out / "tokenizer.json", self.tok.to_str(pretty=False))
+        _atomic_write(out / "tokenizer_config.json", json.dumps(self.config, indent=2, ensure_ascii=False))
+        return out
+
+
+def _compile_template(source: str):
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise TokenizerError(f"chat template: {message}")
+
+    # the settings transformers renders chat templates with, so both give the same string
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(source)
+    except TemplateError as e:
+        raise TokenizerError(f"chat_template does not compile: {e}") from None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def default_config() -> dict:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": None,
+        "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in (BOS, EOS, PAD)],
+        "add_bos_token": False, "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1_000_000,
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+def new_bpe_tokenizer() -> tokenizers.Tokenizer:
+    """An untrained byte-level BPE with our pre-splitting; the same pipeline that train_tokenizer fits."""
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike | None = None,
+                    min_frequency: int = 2, progress: bool = False) -> Tokenizer:
+    """Fit a byte-level BPE of `vocab_size` tokens (special ones included) on `texts` (streamed).
+
+    The vocabulary may come out smaller when the texts run out of pairs seen `min_frequency` times.
+    """
+    if not MIN_VOCAB <= vocab_size <= 2**31 - 1:
+        raise TokenizerError(f"vocab_size={vocab_size} must be at least {MIN_VOCAB} "
+                             f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    tok = new_bpe_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
+    tok.train_from_iterator(texts, trainer=trainer)
+    out = Tokenizer(tok, default_config())
+    if out.vocab_size <= MIN_VOCAB:
+        raise TokenizerError(f"training learned no merges from the texts given: vocab_size={out.vocab_size}; "
+                             "give it more (or more repetitive) text")
+    if out_dir is not None:
+        out.save(out_dir)
+    return out
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load a folder holding tokenizer.json [+ tokenizer_config.json], or a tokenizer.json file."""
+    path = Path(path)
+    tok_file = path / "tokenizer.json" if path.is_dir() else path
+    if not tok_file.is_file():
+        raise FileNotFoundError(f"no tokenizer at {tok_file}: expected a folder with tokenizer.json "
+                                "or the path of a tokenizer.json")
+    try:
+        tok = tokenizers.Tokenizer.from_file(str(tok_file))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise TokenizerError(f"{tok_file} is not a tokenizers JSON file: {e}") from None
+    cfg_file = tok_file.with_name("tokenizer_config.json")
+    config = {}
+    if cfg_file.is_file():
+        try:
+            config = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise TokenizerError(f"{cfg_file} is not valid JSON: {e}") from None
+    elif tok_file.name == "tokenizer.json" and tok.token_to_id(BOS) is not None:
+        config = default_config()  # a bare tokenizer.json of ours: restore its template
+    return Tokenizer(tok, config)
