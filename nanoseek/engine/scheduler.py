@@ -41,11 +41,12 @@ class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
     start: int  # position of the first new token = num_computed_tokens when scheduled
+    # This step computes the sequence's last token, so its logits give the next token. Fixed when
+    # scheduled: after `update` appends that token it would no longer hold.
+    needs_sample: bool = field(init=False)
 
-    @property
-    def needs_sample(self) -> bool:
-        """This step computes the sequence's last token, so its logits give the next token."""
-        return self.start + self.num_new_tokens == len(self.seq.token_ids)
+    def __post_init__(self) -> None:
+        self.needs_sample = self.start + self.num_new_tokens == len(self.seq.token_ids)
 
     @property
     def token_ids(self) -> list[int]:
@@ -123,20 +124,21 @@ class Scheduler:
             if bad:
                 raise RequestRejected(f"request {sid!r} has token ids outside the vocabulary "
                                       f"[0, {self.vocab_size}): {bad[:5]}")
+        bm = self.block_manager
         max_tokens = getattr(seq.params, "max_tokens", None)
-        if max_tokens is None:
-            max_tokens = self.max_model_len - n_prompt
+        if max_tokens is None:  # as many as the context and the cache hold (the last token needs no slot)
+            max_tokens = min(self.max_model_len, bm.num_blocks * bm.block_size + 1) - n_prompt
             if max_tokens < 1:
                 raise RequestRejected(
                     f"request {sid!r}: the prompt has {n_prompt} tokens and the model's context is "
-                    f"{self.max_model_len} tokens, which leaves no room to generate")
+                    f"{self.max_model_len} tokens ({bm.num_blocks * bm.block_size} fit in the KV "
+                    "cache), which leaves no room to generate")
         elif n_prompt + max_tokens > self.max_model_len:
             raise RequestRejected(
                 f"request {sid!r}: the model's context is {self.max_model_len} tokens, but "
                 f"{n_prompt + max_tokens} were requested ({n_prompt} in the prompt, "
                 f"max_tokens={max_tokens})")
         # The last sampled token never needs a KV slot.
-        bm = self.block_manager
         need = bm.blocks_for(n_prompt + max_tokens - 1)
         if need > bm.num_blocks:
             raise RequestRejected(
