@@ -54,17 +54,30 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 def validation_error_body(exc: ValidationError) -> dict[str, Any]:
-    """OpenAI-shaped 422 body; param is the dotted path of the first bad field (e.g. messages.0.role)."""
-    errs = exc.errors(include_url=False)
-    first = errs[0] if errs else {"loc": (), "msg": str(exc)}
-    # drop the union-branch names pydantic adds to locations ("str", "list[int]", ...)
-    loc = [str(p) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p in _TYPE_NAMES))]
+    """OpenAI-shaped 422 body; param is the dotted path of the bad field (e.g. messages.0.role)."""
+    errs = [(_clean_loc(e["loc"]), e) for e in exc.errors(include_url=False)]
+    if not errs:
+        return error_body(f"invalid request: {exc}", "invalid_request_error", None, "invalid_value")
+    # a union (prompt: str | list[int] | ...) reports one error per branch; the branch whose
+    # type matched and whose value did not says most, so prefer value errors, then the deepest
+    loc, first = max(errs, key=lambda le: (not le[1]["type"].endswith("_type"), len(le[0])))
     param = ".".join(loc) or None
-    text = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errs[:5])
-    return error_body(f"invalid request: {text}", "invalid_request_error", param, "invalid_value")
+    seen, parts = set(), []
+    for l, e in [(loc, first)] + errs:
+        line = f"{'.'.join(l) or 'body'}: {e['msg']}"
+        if line not in seen:
+            seen.add(line)
+            parts.append(line)
+    return error_body("invalid request: " + "; ".join(parts[:4]), "invalid_request_error", param,
+                      "invalid_value")
 
 
-_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "function-after", "function-before"}
+def _clean_loc(loc: tuple) -> list[str]:
+    """Drop the union-branch tags pydantic puts in locations ("str", "list[int]", "constrained-str")."""
+    return [str(p) for p in loc if not isinstance(p, str) or (p.isidentifier() and p not in _TYPE_NAMES)]
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict"}
 
 
 # ---------------------------------------------------------------------------- requests
