@@ -253,3 +253,18 @@ def test_audit_reports_a_balance_that_disagrees_with_the_ledger(accounts, prices
         conn.execute(text("UPDATE api_keys SET balance = balance + 1 WHERE id = :id"), {"id": key.id})
     problems = accounts.audit()
     assert len(problems) == 1 and "'alice'" in problems[0] and "top-ups - ledger" in problems[0]
+
+
+def test_postgres_half_fails_in_ci_without_a_server(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "NANOSEEK_TEST_PG_URL"}
+    env["CI"] = "1"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           f"{__file__}::test_newer_schema_is_refused"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 1, done.stdout
+    bad = [line for line in done.stdout.splitlines() if line.startswith(("ERROR", "FAILED"))]
+    assert len(bad) == 1 and "[postgresql]" in bad[0] and "NANOSEEK_TEST_PG_URL is not" in bad[0]
