@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PYTHON  := $(BIN)/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-slow run info bench clean
+.PHONY: install test test-slow test-pg run info bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PYTHON) -m pytest -m slow
+
+# the serve tests with a throwaway PostgreSQL on 127.0.0.1 (as .ci/run does for the whole suite)
+test-pg: $(STAMP)
+	.ci/with-postgres $(PYTHON) -m pytest tests/serve
 
 run: $(STAMP)
 	$(BIN)/nanoseek info configs/deepseek-v2.json configs/deepseek-v2-lite.json configs/deepseek-v3.json configs/bench-v2-small.json
