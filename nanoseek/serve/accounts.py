@@ -38,7 +38,7 @@ from sqlalchemy import Engine, and_, func, literal, select
 from sqlalchemy.exc import IntegrityError
 
 from .db import DEFAULT_DB, Money, api_keys, holds, ledger, open_engine, topups, utcnow
-from .pricing import MONEY_PLACES, UnitPrices, request_cost, to_decimal
+from .pricing import MONEY_PLACES, UnitPrices, format_money, request_cost, to_decimal
 
 SECRET_PREFIX = "sk-"
 SECRET_HEX_CHARS = 64            # 256 bits of entropy
@@ -62,10 +62,12 @@ class KeyRevoked(AccountsError):
 class InsufficientBalance(AccountsError):
     """HTTP 402: the key's available balance cannot cover the request's maximum cost."""
 
-    def __init__(self, key_name: str, available: Decimal, needed: Decimal):
-        self.available, self.needed = available, needed
-        super().__init__(f"insufficient balance on key {key_name!r}: available {available}, "
-                         f"this request needs up to {needed}")
+    def __init__(self, key_name: str, balance: Decimal, held: Decimal, needed: Decimal):
+        self.balance, self.held, self.needed = balance, held, needed
+        self.available = balance - held
+        super().__init__(f"insufficient balance on key {key_name!r}: balance {format_money(balance)} "
+                         f"({format_money(held)} held by requests in flight, available "
+                         f"{format_money(self.available)}); this request needs up to {format_money(needed)}")
 
 
 class DuplicateRequest(AccountsError):
@@ -275,7 +277,7 @@ class Accounts:
                 row = self._find(conn, key_id)
                 if row.revoked_at is not None:
                     raise KeyRevoked(f"API key {row.name!r} was revoked at {row.revoked_at.isoformat()}")
-                raise InsufficientBalance(row.name, row.balance - row.held, amount)
+                raise InsufficientBalance(row.name, row.balance, row.held, amount)
             try:  # on failure the transaction, and with it the hold above, rolls back
                 conn.execute(holds.insert().values(request_id=request_id, key_id=key_id,
                                                    amount=amount, created_at=utcnow()))

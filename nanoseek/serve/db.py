@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Callable
 
 from sqlalchemy import (BigInteger, CheckConstraint, Column, DateTime, Engine, ForeignKey, Integer,
-                        MetaData, String, Table, create_engine, event, select)
+                        MetaData, String, Table, create_engine, event, select, text)
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.types import TypeDecorator
 
 from .pricing import MONEY_PLACES
 
 SCHEMA_VERSION = 1
+_SCHEMA_LOCK_ID = 0x6E616E6F  # "nano": the advisory lock serialising schema changes on PostgreSQL
 DEFAULT_DB = "sqlite:///runs/nanoseek.db"
 
 
@@ -189,6 +190,9 @@ def open_engine(url: str = DEFAULT_DB, *, create: bool = True) -> Engine:
 def ensure_schema(engine: Engine) -> int:
     """Create missing tables, apply pending migrations; returns the schema version now in place."""
     with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # replicas starting together: one creates or migrates, the others wait and see it done
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK_ID})
         metadata.create_all(conn, checkfirst=True)
         current = conn.execute(select(schema_version.c.version)
                                .order_by(schema_version.c.version.desc()).limit(1)).scalar()

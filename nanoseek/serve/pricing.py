@@ -243,6 +243,16 @@ def derive_price_sheet(throughput: Throughput, hardware_cost_per_hour: Any,
                       throughput=throughput, currency=currency, model=model, notes=notes)
 
 
+def format_money(amount: Decimal) -> str:
+    """At least two decimals, no trailing zeros beyond them: 1.5 -> "1.50", 0.000012 -> "0.000012"."""
+    text = f"{amount:f}"
+    if "." not in text:
+        return text + ".00"
+    whole, frac = text.split(".")
+    frac = frac.rstrip("0")
+    return f"{whole}.{frac.ljust(2, '0')}"
+
+
 def _check_tokens(**counts: int) -> None:
     for name, n in counts.items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:

@@ -23,6 +23,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .pricing import format_money  # noqa: F401  (re-exported for the app)
+
 FinishReason = Literal["stop", "length", "content_filter"]
 MAX_STOP = 16
 MAX_N = 16
@@ -348,16 +350,6 @@ class UserBalance(_Response):
         return cls(is_available=available > 0,
                    balance_infos=[BalanceInfo(currency=currency, total_balance=amount,
                                               granted_balance="0.00", topped_up_balance=amount)])
-
-
-def format_money(amount: Decimal) -> str:
-    """At least two decimals, no trailing zeros beyond them: 1.5 -> "1.50", 0.000012 -> "0.000012"."""
-    text = f"{amount:f}"
-    if "." not in text:
-        return text + ".00"
-    whole, frac = text.split(".")
-    frac = frac.rstrip("0")
-    return f"{whole}.{frac.ljust(2, '0')}"
 
 
 # ---------------------------------------------------------------------------- server-sent events

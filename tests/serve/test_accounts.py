@@ -69,7 +69,8 @@ def test_reserve_holds_and_refuses_what_the_balance_cannot_cover(accounts, price
     assert (k.balance, k.held, k.available) == (D("1"), D("0.6"), D("0.4"))
     with pytest.raises(InsufficientBalance) as e:
         accounts.reserve(key, "r2", D("0.50"), prices)
-    assert "available 0.4" in str(e.value) and "0.5" in str(e.value)
+    assert "balance 1.00 (0.60 held by requests in flight, available 0.40)" in str(e.value)
+    assert "needs up to 0.50" in str(e.value)
     assert (e.value.available, e.value.needed) == (D("0.4"), D("0.5"))
     accounts.reserve(key, "r3", D("0.40"), prices)  # exactly the rest is fine
     assert accounts.get_key("alice").available == 0
