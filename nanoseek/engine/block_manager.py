@@ -223,6 +223,30 @@ class BlockManager:
                 if self.blocks[b].ref_count == 0:  # its sequence was freed during the step
                     self._evictable[b] = None
 
+    def forget(self, hashes: Seq[str]) -> list[int]:
+        """These blocks' content cannot be trusted (a disk load failed): no prefix lookup finds
+        them any more. Returns their block ids; sequences holding them must recompute."""
+        dropped = []
+        for h in hashes:
+            b = self._cached.pop(h, None)
+            if b is None:
+                continue
+            self.blocks[b].hash = None
+            if self.blocks[b].ref_count == 0:
+                del self._evictable[b]
+                self._plain.append(b)
+            dropped.append(b)
+        return dropped
+
+    def cancel_pending(self, blocks: Seq[tuple[int, str]]) -> None:
+        """The step that was to fill these blocks will not run for them: unhash them."""
+        for b, h in blocks:
+            if self._pending.get(h) == b:
+                del self._pending[h]
+                self.blocks[b].hash = None
+                if self.blocks[b].ref_count == 0:
+                    self._plain.append(b)
+
     # ------------------------------------------------------------------ release
     def free(self, seq: Sequence) -> None:
         """Drop seq's references; unreferenced cached blocks become evictable, tail blocks first

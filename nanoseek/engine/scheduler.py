@@ -261,6 +261,35 @@ class Scheduler:
                 finished.append(seq)
         return finished
 
+    def drop_loads(self, out: SchedulerOutput, failed: Iterable[str]) -> list[Hashable]:
+        """The runner could not load these hashes from disk (corrupt or vanished file).
+
+        Call before running `out`: the blocks are forgotten, and every sequence of the step that
+        holds one of them leaves the step and goes back to the front of the queue to recompute.
+        Returns those sequence ids. The disk cache must stop reporting these hashes as present.
+        """
+        if out is not self._in_flight:
+            raise RuntimeError("drop_loads() must get the output of the latest schedule()")
+        failed = set(failed)
+        if not failed:
+            return []
+        bm = self.block_manager
+        bad_blocks = set(bm.forget(sorted(failed)))
+        out.blocks_to_load = [(b, h) for b, h in out.blocks_to_load if h not in failed]
+        dropped = [s for s in out.scheduled if bad_blocks & set(s.seq.block_table)]
+        for s in reversed(dropped):  # so the oldest ends up first in the queue
+            mine = [(b, h) for b, h in out.blocks_to_save if b in s.seq.block_table]
+            bm.cancel_pending(mine)
+            out.blocks_to_save = [x for x in out.blocks_to_save if x not in mine]
+            out.scheduled.remove(s)
+            seq = s.seq
+            if seq.is_finished:  # aborted meanwhile
+                self._release(seq)
+                continue
+            self._preempt(seq)
+            seq.num_preemptions -= 1  # not a preemption: its cache hit was void, it is re-admitted
+        return [s.seq.seq_id for s in dropped]
+
     # ------------------------------------------------------------------ internals
     def _release(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

@@ -232,6 +232,35 @@ def test_disk_hits_after_restart_and_not_for_another_model():
     assert out.blocks_to_load == [] and c.num_cached_tokens == 0
 
 
+def test_a_corrupt_disk_block_is_dropped_and_recomputed():
+    disk = {}
+    p = prompt(12, 17)
+    sched, runner = make(disk=disk)
+    sched.add(Sequence("a", p, SamplingParams(max_tokens=1)))
+    drain(sched, runner)
+    hashes = sched.block_manager.hashes(Sequence("x", p), 4)
+    assert set(hashes) == set(disk)
+
+    sched, runner = make(disk=disk)                  # restart; block 2's file turns out corrupt
+    b = Sequence("b", p, SamplingParams(max_tokens=3))
+    c = Sequence("c", p[:8] + [5, 6, 7, 8, 9], SamplingParams(max_tokens=3))   # needs blocks 0, 1
+    sched.add(b)
+    sched.add(c)
+    out = sched.schedule()
+    assert [s.seq.seq_id for s in out.scheduled] == ["b", "c"] and len(out.blocks_to_load) == 4
+    del disk[hashes[2]]                              # the disk cache removes what it cannot read
+    assert sched.drop_loads(out, [hashes[2]]) == ["b"]
+    assert [s.seq.seq_id for s in out.scheduled] == ["c"]
+    assert sched.waiting[0] is b and b.block_table == [] and b.num_computed_tokens == 0
+    assert hashes[2] not in [h for _, h in out.blocks_to_load]
+    sched.update(out, runner.run(out))
+    drain(sched, runner)
+    assert b.output_token_ids == reference(p, 3)
+    assert c.output_token_ids == reference(p[:8] + [5, 6, 7, 8, 9], 3)
+    assert b.num_cached_tokens == 8 and b.num_preemptions == 0    # blocks 0 and 1 still served
+    assert sched.block_manager.num_free_blocks == 64
+
+
 def test_stop_conditions():
     sched, runner = make()
     runner.eos_at = {"eos": 2, "early": 1, "ignore": 1}
