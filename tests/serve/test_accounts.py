@@ -269,3 +269,17 @@ def test_postgres_half_fails_in_ci_without_a_server(tmp_path):
     assert done.returncode == 1, done.stdout
     bad = [line for line in done.stdout.splitlines() if line.startswith(("ERROR", "FAILED"))]
     assert len(bad) == 1 and "[postgresql]" in bad[0] and "NANOSEEK_TEST_PG_URL is not" in bad[0]
+
+
+def test_a_failed_settle_changes_nothing(accounts, prices):
+    key, _ = accounts.create_key("alice", "1")
+    r = accounts.reserve(key, "reused", D("0.2"), prices)
+    with accounts.engine.begin() as conn:  # another writer billed the same id behind our back
+        conn.execute(text("INSERT INTO ledger (key_id, request_id, model, cache_hit_tokens, "
+                          "cache_miss_tokens, output_tokens, price_input_hit, price_input_miss, "
+                          "price_output, amount, created_at) VALUES (:k, 'reused', '', 0, 0, 0, 0, 0, 0, 0, "
+                          ":t)"), {"k": key.id, "t": "2026-01-01 00:00:00"})
+    with pytest.raises(DuplicateRequest, match="'reused' was already billed"):
+        accounts.settle(r, Usage(0, 100, 100))
+    k = accounts.get_key("alice")  # the ledger insert failed, so neither debit nor release happened
+    assert (k.balance, k.held) == (D(1), D("0.2"))
