@@ -210,7 +210,9 @@ def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, vocab_size: in
                         staged_bytes[split] += doc.nbytes
                     cur.add(reason or "kept", doc.nbytes)
                     bar.update(doc.nbytes)
-                bar.set_postfix(docs=cur.total_docs, kept=cur.docs.get("kept", 0), refresh=False)
+                bar.set_postfix(docs=cur.total_docs, kept=cur.docs.get("kept", 0),
+                                docs_per_s=f"{cur.total_docs / max(time.perf_counter() - t0, 1e-9):.0f}",
+                                refresh=False)
         finally:
             ex.close()
             bar.close()
@@ -269,7 +271,10 @@ def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, vocab_size: in
                 for (_, docs), ids in ex.map(_tokenize_batch, batches, (tok.eos_id, dtype.str)):
                     w.add(ids, docs=len(docs))
                     bar.update(sum(d.nbytes for d in docs))
-                    bar.set_postfix(tokens=sum(x.tokens for x in writers), refresh=False)
+                    done = sum(x.docs for x in writers)
+                    bar.set_postfix(docs=done, tokens=sum(x.tokens for x in writers),
+                                    docs_per_s=f"{done / max(time.perf_counter() - t0, 1e-9):.0f}",
+                                    refresh=False)
         finally:
             ex.close()
             bar.close()
