@@ -37,7 +37,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, func, literal, select
 from sqlalchemy.exc import IntegrityError
 
-from .db import DEFAULT_DB, Money, api_keys, holds, ledger, open_engine, topups, utcnow
+from .db import DEFAULT_DB, Money, api_keys, holds, ledger, open_engine, read_only, topups, utcnow
 from .pricing import MONEY_PLACES, UnitPrices, format_money, request_cost, to_decimal
 
 SECRET_PREFIX = "sk-"
@@ -199,11 +199,11 @@ class Accounts:
         return self.get_key(key_id), secret
 
     def get_key(self, name_or_id: str | int) -> Key:
-        with self.engine.connect() as conn:
+        with read_only(self.engine.connect()) as conn:
             return _key(self._find(conn, name_or_id))
 
     def list_keys(self) -> list[Key]:
-        with self.engine.connect() as conn:
+        with read_only(self.engine.connect()) as conn:
             return [_key(r) for r in conn.execute(select(api_keys).order_by(api_keys.c.id))]
 
     def _find(self, conn, name_or_id: str | int, lock: bool = False):
@@ -250,7 +250,7 @@ class Accounts:
         if not token.startswith(SECRET_PREFIX) or len(token) != len(SECRET_PREFIX) + SECRET_HEX_CHARS:
             return None
         digest = hash_secret(token)
-        with self.engine.connect() as conn:
+        with read_only(self.engine.connect()) as conn:
             row = conn.execute(select(api_keys).where(api_keys.c.key_hash == digest)).first()
         if row is None or not hmac.compare_digest(row.key_hash, digest) or row.revoked_at is not None:
             return None
@@ -350,11 +350,11 @@ class Accounts:
             q = q.where(ledger.c.key_id == (key.id if isinstance(key, Key) else key))
         if limit is not None:
             q = q.limit(limit)
-        with self.engine.connect() as conn:
+        with read_only(self.engine.connect()) as conn:
             return [_ledger_row(r) for r in conn.execute(q)]
 
     def ledger_row(self, request_id: str) -> LedgerRow | None:
-        with self.engine.connect() as conn:
+        with read_only(self.engine.connect()) as conn:
             row = conn.execute(select(ledger).where(ledger.c.request_id == request_id)).first()
         return None if row is None else _ledger_row(row)
 
@@ -365,7 +365,7 @@ class Accounts:
             return {k: v for k, v in conn.execute(q)}
 
         problems = []
-        with self.engine.connect() as conn:
+        with read_only(self.engine.connect()) as conn:
             credited, charged, held = sums(topups), sums(ledger), sums(holds)
             for k in conn.execute(select(api_keys).order_by(api_keys.c.id)):
                 expect = credited.get(k.id, Decimal(0)) - charged.get(k.id, Decimal(0))

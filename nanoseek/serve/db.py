@@ -149,6 +149,14 @@ def normalize_url(url: str) -> str:
     return url
 
 
+READ_ONLY = "nanoseek_read_only"
+
+
+def read_only(conn: Connection) -> Connection:
+    """Mark a connection as a reader (on SQLite: a deferred transaction that takes no write lock)."""
+    return conn.execution_options(**{READ_ONLY: True})
+
+
 def _sqlite_pragmas(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _connect(dbapi_conn, _record):
@@ -163,9 +171,13 @@ def _sqlite_pragmas(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(conn):
-        # take the write lock up front: a deferred transaction that reads and then writes can
-        # fail with "database is locked" when another writer got there first
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # a writer takes the write lock up front: a deferred transaction that reads and then
+        # writes can fail with "database is locked" when another writer got there first.
+        # Readers (read_only(conn)) stay deferred so that, under WAL, they never wait for writers.
+        if conn.get_execution_options().get(READ_ONLY):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def open_engine(url: str = DEFAULT_DB, *, create: bool = True) -> Engine:

@@ -283,3 +283,15 @@ def test_a_failed_settle_changes_nothing(accounts, prices):
         accounts.settle(r, Usage(0, 100, 100))
     k = accounts.get_key("alice")  # the ledger insert failed, so neither debit nor release happened
     assert (k.balance, k.held) == (D(1), D("0.2"))
+
+
+def test_sqlite_readers_do_not_wait_for_a_writer(tmp_path, prices):
+    acc = Accounts(f"sqlite:///{tmp_path / 'a.db'}")
+    key, secret = acc.create_key("alice", "1")
+    with acc.engine.begin() as writer:  # BEGIN IMMEDIATE: holds the write lock for the block
+        writer.execute(update(api_keys).values(name="renamed"))
+        # a reader that took the write lock too would block here (busy timeout) and then fail
+        assert acc.authenticate(secret).name == "alice"  # sees the last committed state
+        assert acc.get_key("alice").balance == 1 and acc.audit() == []
+    assert acc.get_key("renamed").id == key.id
+    acc.close()
