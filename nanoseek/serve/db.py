@@ -190,7 +190,11 @@ def open_engine(url: str = DEFAULT_DB, *, create: bool = True) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30})
         _sqlite_pragmas(engine)
     elif parsed.get_backend_name() == "postgresql":
-        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        try:
+            engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        except ModuleNotFoundError as e:
+            raise SchemaError(f"{parsed.drivername} needs the {e.name!r} module: "
+                              "pip install 'psycopg[binary]'") from None
     else:
         raise SchemaError(f"database URL {parsed.render_as_string(hide_password=True)!r}: "
                           "expected sqlite:///FILE or postgresql+psycopg://...")

@@ -55,6 +55,25 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return ErrorBody(error=ErrorDetail(message=message, type=type, param=param, code=code)).model_dump()
 
 
+# status -> (type, code) in the words OpenAI and DeepSeek clients expect
+ERROR_KINDS = {
+    400: ("invalid_request_error", "invalid_request"),
+    401: ("authentication_error", "invalid_api_key"),
+    402: ("insufficient_balance", "insufficient_balance"),
+    404: ("invalid_request_error", "not_found"),
+    422: ("invalid_request_error", "invalid_value"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+    500: ("server_error", "internal_error"),
+    503: ("server_overloaded", "server_overloaded"),
+}
+
+
+def error_for_status(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """The error body for an HTTP status, e.g. error_for_status(402, str(InsufficientBalance(...)))."""
+    type_, code = ERROR_KINDS.get(status, ("server_error", None))
+    return error_body(message, type_, param, code)
+
+
 def validation_error_body(exc: ValidationError) -> dict[str, Any]:
     """OpenAI-shaped 422 body; param is the dotted path of the bad field (e.g. messages.0.role)."""
     errs = [(_clean_loc(e["loc"]), e) for e in exc.errors(include_url=False)]

@@ -147,3 +147,13 @@ def test_models_balance_and_errors():
 def test_union_errors_point_at_the_branch_that_matched():
     param, message = bad_param(CompletionRequest, {"model": "demo", "prompt": [5, -1]})
     assert param == "prompt.1" and message.startswith("invalid request: prompt.1: Input should be greater")
+
+
+def test_error_for_status_uses_openai_words():
+    from nanoseek.serve.protocol import error_for_status
+
+    assert error_for_status(429, "slow down")["error"] == {
+        "message": "slow down", "type": "rate_limit_error", "param": None, "code": "rate_limit_exceeded"}
+    assert error_for_status(401, "bad key")["error"]["code"] == "invalid_api_key"
+    assert error_for_status(400, "prompt has 9000 tokens, context is 4096", "messages")["error"]["param"] == "messages"
+    assert error_for_status(599, "odd")["error"]["type"] == "server_error"
