@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "nanoseek.data.cli",
     "nanoseek.serve.keys_cli",
     "nanoseek.info",
+    "nanoseek.train.cli",
 ]
 
 
