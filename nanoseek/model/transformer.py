@@ -99,7 +99,8 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                 cache=None, mask: torch.Tensor | None = None, absorb: bool | None = None,
-                return_router_stats: bool = False, last_only: bool = False):
+                return_router_stats: bool = False, last_only: bool = False,
+                logits_index: torch.Tensor | None = None):
         """input_ids [B, T] -> logits [B, T, vocab] (fp32 head in the weights' dtype).
 
         positions [B, T]: absolute positions (default: after what the cache holds).
@@ -107,6 +108,7 @@ class CausalLM(nn.Module):
         mask [B, T, S] bool: which keys each new token sees (default: causal, after the cache).
         absorb: MLA over the latent (default: when it is cheaper, see prefer_absorbed).
         last_only: logits of the last position only, [B, 1, vocab].
+        logits_index [n]: logits only at these flat indices into B*T, [n, vocab] (the engine's rows).
         """
         cfg = self.config
         B, T = input_ids.shape
@@ -130,7 +132,11 @@ class CausalLM(nn.Module):
                 stats.append(s)
         if isinstance(cache, DenseCache):
             cache.length += T
-        x = self.model.norm(x[:, -1:] if last_only else x)
+        if logits_index is not None:
+            x = x.reshape(B * T, -1)[logits_index]  # [n, C]
+        elif last_only:
+            x = x[:, -1:]
+        x = self.model.norm(x)
         logits = self.lm_head(x)
         return (logits, stats) if return_router_stats else logits
 

@@ -1,0 +1,287 @@
+"""LLM / SamplingParams / RequestOutput, following vLLM's offline interface, over nanoseek's engine.
+
+    from nanoseek import LLM, SamplingParams
+    llm = LLM(model="runs/default/model", max_num_seqs=16, cache_dir="runs/kv-cache")
+    outs = llm.generate(["def fib(n):", {"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=32))
+    outs[0].outputs[0].text, outs[0].num_cached_tokens
+
+The step-wise interface, for servers: `engine.add_request(id, prompt, params)`, `engine.step()` (the
+requests that progressed, with `delta_text` per output), `engine.abort(id)`. The engine works in
+token ids; text only enters through the tokenizer at the edges (prompts in, detokenized deltas out).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Iterable
+
+import torch
+
+from nanoseek.engine.block_manager import BlockManager
+from nanoseek.engine.detokenize import IncrementalDetokenizer
+from nanoseek.engine.disk_cache import DiskCache, model_fingerprint
+from nanoseek.engine.kv_cache import PagedKVCache
+from nanoseek.engine.runner import ModelRunner
+from nanoseek.engine.sampling import SamplingParams, make_generator
+from nanoseek.engine.scheduler import RequestRejected, Scheduler
+from nanoseek.engine.sequence import Sequence
+
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestRejected"]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    logprobs: list[dict[int, float]] | None = None  # per token: {chosen and top ids: logprob}
+    cumulative_logprob: float | None = None
+    delta_text: str = ""  # text released by the latest step (streaming)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0
+    finished: bool = False
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+
+
+@dataclass
+class _Child:
+    seq: Sequence
+    out: CompletionOutput
+    detok: IncrementalDetokenizer | None
+    generator: torch.Generator | None
+
+
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 4 * 2 ** 30
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer=None, *, block_size: int = 64, num_blocks: int | None = None,
+                 kv_cache_bytes: int | None = None, kv_cache_fraction: float = 0.2,
+                 max_num_seqs: int = 16, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                 cache_dir: str | os.PathLike | None = None, disk_cache_bytes: int = 2 ** 30,
+                 cache_dtype: torch.dtype | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        cfg = self.config = model.config
+        device = next(model.parameters()).device
+        dtype = cache_dtype or next(model.parameters()).dtype
+        self.max_model_len = max_model_len or cfg.max_position_embeddings
+        if not 0 < kv_cache_fraction <= 1:
+            raise ValueError(f"kv_cache_fraction={kv_cache_fraction} must be in (0, 1]")
+        if num_blocks is None:
+            budget = kv_cache_bytes or int(kv_cache_fraction * _available_memory(device))
+            want = -(-max_num_seqs * self.max_model_len // block_size)  # enough for every slot in use
+            num_blocks = min(want, PagedKVCache.blocks_for_bytes(cfg, budget, block_size, dtype))
+            if num_blocks < 1:
+                raise ValueError(f"a KV cache of {budget} bytes holds no block of {block_size} tokens "
+                                 f"({PagedKVCache.bytes_per_token(cfg, dtype)} bytes per token)")
+        self.fingerprint = model_fingerprint(model, dtype)
+        self.cache = PagedKVCache(cfg, num_blocks, block_size, dtype=dtype, device=device)
+        self.disk = None
+        if cache_dir is not None:
+            self.disk = DiskCache(cache_dir, self.fingerprint, disk_cache_bytes,
+                                  block_shape=(cfg.num_hidden_layers, block_size, cfg.kv_cache_dim), dtype=dtype)
+        self.block_manager = BlockManager(num_blocks, block_size, self.fingerprint,
+                                          external_lookup=self.disk.stage if self.disk else None)
+        self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, self.block_manager,
+                                   self.max_model_len, eos_token_ids=cfg.eos_token_ids, vocab_size=cfg.vocab_size)
+        self.runner = ModelRunner(model, self.cache, self.disk)
+        self._requests: dict[str, RequestOutput] = {}
+        self._children: dict[Hashable, tuple[str, _Child]] = {}
+        self._params: dict[str, SamplingParams] = {}
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return PagedKVCache.bytes_per_token(self.config, self.cache.dtype)
+
+    # ------------------------------------------------------------------ requests
+    def _prompt_ids(self, prompt: Any) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" not in prompt:
+                raise ValueError(f"a prompt dict needs 'prompt_token_ids', got keys {sorted(prompt)}")
+            return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass {'prompt_token_ids': [...]} instead")
+            return prompt, self.tokenizer.encode(prompt, add_bos=self.tokenizer.bos_id is not None)
+        if isinstance(prompt, (list, tuple)):
+            return None, [int(t) for t in prompt]
+        raise TypeError(f"a prompt is a str, a list of token ids or {{'prompt_token_ids': ...}}, "
+                        f"got {type(prompt).__name__}")
+
+    def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None) -> RequestOutput:
+        """Queue a request (n sequences sharing the prompt's cached blocks). Raises a ValueError naming
+        the problem (too long, empty, bad ids, bad params) and changes nothing else."""
+        params = params or SamplingParams()
+        if request_id in self._requests:
+            raise RequestRejected(f"request id {request_id!r} is already in the engine")
+        text, ids = self._prompt_ids(prompt)
+        req = RequestOutput(request_id, text, ids, [], arrival_time=time.monotonic())
+        children = []
+        for i in range(params.n):
+            seq = Sequence(f"{request_id}#{i}", ids, params)
+            detok = None
+            if self.tokenizer is not None:
+                skip = params.skip_special_tokens
+                detok = IncrementalDetokenizer(lambda t, s=skip: self.tokenizer.decode(t, skip_special_tokens=s),
+                                               ids, stop=params.stop)
+            seed = None if params.seed is None else params.seed + i
+            children.append(_Child(seq, CompletionOutput(i, logprobs=[] if params.logprobs is not None else None),
+                                   detok, make_generator(seed)))
+        added = []
+        try:
+            for c in children:
+                self.scheduler.add(c.seq)
+                added.append(c)
+        except Exception:
+            for c in added:
+                self.scheduler.abort(c.seq.seq_id)
+            raise
+        req.outputs = [c.out for c in children]
+        self._requests[request_id] = req
+        self._params[request_id] = params
+        for c in children:
+            self._children[c.seq.seq_id] = (request_id, c)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        for sid in [s for s, (r, _) in self._children.items() if r == request_id]:
+            _, c = self._children.pop(sid)
+            self.scheduler.abort(sid)
+            c.out.finish_reason = c.out.finish_reason or "abort"
+        self._params.pop(request_id, None)
+        req.finished = True
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; returns the requests that progressed (finished ones for the last time)."""
+        out = self.scheduler.schedule()
+        for c in self._children.values():
+            c[1].out.delta_text = ""
+        sampled = self.runner.execute(out, lambda sid: self._children[sid][1].seq.params,
+                                      lambda sid: self._children[sid][1].generator)
+        finished = {s.seq_id for s in self.scheduler.update(out, {k: v.token_id for k, v in sampled.items()})}
+        touched: dict[str, RequestOutput] = {}
+        now = time.monotonic()
+        for sid, r in sampled.items():
+            rid, c = self._children[sid]
+            req = touched[rid] = self._requests[rid]
+            req.first_token_time = req.first_token_time or now
+            req.num_cached_tokens = max(req.num_cached_tokens, c.seq.num_cached_tokens)
+            c.out.token_ids.append(r.token_id)
+            if c.out.logprobs is not None:
+                c.out.logprobs.append({r.token_id: r.logprob, **dict(r.top or [])})
+                c.out.cumulative_logprob = (c.out.cumulative_logprob or 0.0) + r.logprob
+            if c.detok is not None:
+                c.out.delta_text += c.detok.add(r.token_id)
+                if c.detok.stop_reason is not None and sid not in finished:
+                    self.scheduler.finish(sid, "stop", c.detok.stop_reason)
+                    finished.add(sid)
+                    c.seq.finish_reason, c.seq.stop_reason = "stop", c.detok.stop_reason
+        for sid in finished:
+            rid, c = self._children.pop(sid)
+            touched[rid] = self._requests[rid]
+            if c.detok is not None:
+                if c.detok.stop_reason is None:
+                    c.out.delta_text += c.detok.flush()
+            c.out.finish_reason = c.seq.finish_reason
+            c.out.stop_reason = c.detok.stop_reason if c.detok and c.detok.stop_reason else c.seq.stop_reason
+        for rid, req in touched.items():
+            for o in req.outputs:
+                o.text += o.delta_text
+            if all(o.finished for o in req.outputs):
+                req.finished = True
+                del self._requests[rid]
+                self._params.pop(rid, None)
+        return list(touched.values())
+
+
+class LLM:
+    """vLLM-style offline generation: `LLM(model=DIR).generate(prompts, sampling_params)`."""
+
+    _ids = itertools.count()
+
+    def __init__(self, model: str | os.PathLike | Any, tokenizer: str | os.PathLike | Any | None = None,
+                 dtype: torch.dtype | None = None, device: str | torch.device | None = None, **engine_options):
+        from nanoseek.model.checkpoint import load_model
+
+        if isinstance(model, (str, os.PathLike)):
+            folder = model
+            model = load_model(folder, dtype=dtype, device=device)
+            if tokenizer is None and os.path.exists(os.path.join(folder, "tokenizer.json")):
+                tokenizer = folder
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from nanoseek.data.tokenizer import load_tokenizer
+            tokenizer = load_tokenizer(tokenizer)
+        self.engine = LLMEngine(model, tokenizer, **engine_options)
+
+    def generate(self, prompts: Any, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. A prompt is a str, a token-id list or
+        {"prompt_token_ids": [...]}; sampling_params is one for all or one per prompt."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts")
+        ids = [f"gen-{next(self._ids)}" for _ in prompts]
+        results: dict[str, RequestOutput] = {}
+        for rid, prompt, params in zip(ids, prompts, sampling_params):
+            results[rid] = self.engine.add_request(rid, prompt, params)
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+            bar = tqdm(total=len(prompts), desc="generate", unit="req", dynamic_ncols=True)
+        generated, t0 = 0, time.perf_counter()
+        try:
+            while self.engine.has_unfinished_requests():
+                for req in self.engine.step():
+                    generated += sum(1 for o in req.outputs if o.token_ids)
+                    if req.finished and bar is not None:
+                        bar.update(1)
+                if bar is not None:
+                    bar.set_postfix_str(f"{generated / max(time.perf_counter() - t0, 1e-9):.0f} tok/s")
+        finally:
+            if bar is not None:
+                bar.close()
+        return [results[rid] for rid in ids]
+
+    def generate_iter(self, prompts: Iterable[Any], sampling_params: SamplingParams | None = None):
+        """Yield (request_id, RequestOutput) as requests progress (for streaming)."""
+        for i, prompt in enumerate(prompts):
+            self.engine.add_request(f"stream-{next(self._ids)}", prompt, sampling_params)
+        while self.engine.has_unfinished_requests():
+            for req in self.engine.step():
+                yield req.request_id, req
