@@ -164,8 +164,12 @@ class EPExperts(Experts):
         self.rank, self.world_size, self.group = rank, world_size, group
         self.owned = expert_slice(full.n_experts, rank, world_size)
         self.n_local = full.n_experts // world_size
-        self.gate_up_proj = nn.Parameter(full.gate_up_proj.detach()[self.owned].clone())
-        self.down_proj = nn.Parameter(full.down_proj.detach()[self.owned].clone())
+        # the same Parameter objects, cut to this rank's slice: an optimizer made before
+        # prepare_model (and not stepped yet) then updates exactly what the model uses
+        self.gate_up_proj, self.down_proj = full.gate_up_proj, full.down_proj
+        with torch.no_grad():
+            for p in (self.gate_up_proj, self.down_proj):
+                p.data = p.data[self.owned].clone()
         self.impl = full.impl
         for p in (self.gate_up_proj, self.down_proj):
             # each rank's loss is its own mean; the global-batch gradient is their average

@@ -63,8 +63,10 @@ def train(mode: str, steps: int, model_type: str = "deepseek_v2") -> dict:
     ctx = init_distributed()
     torch.manual_seed(0)
     cfg = tiny_moe(model_type)
-    model = prepare_model(build_model(cfg, seed=0), ctx, expert_parallel=(mode == "ep"))
+    model = build_model(cfg, seed=0)
+    # the optimizer is made before prepare_model, as nanoseek.train.loop does
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    model = prepare_model(model, ctx, expert_parallel=(mode == "ep"))
     if GLOBAL_BATCH % ctx.world_size:
         raise ValueError(f"global batch {GLOBAL_BATCH} is not divisible by world_size={ctx.world_size}")
     b = GLOBAL_BATCH // ctx.world_size
