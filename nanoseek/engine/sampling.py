@@ -24,6 +24,7 @@ import torch
 
 MAX_LOGPROBS = 20       # OpenAI's cap on top_logprobs
 GREEDY_BELOW = 1e-5     # temperatures under this are greedy: dividing by them overflows
+TOP_P_CANDIDATES = 256  # top_p looks at this many best tokens first, sorting all only if needed
 
 
 class SamplingParamsError(ValueError):
@@ -171,11 +172,18 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     active = top_p < 1
     if not bool(active.any()):
         return logits
-    probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)  # [B, V]
-    mass_before = probs.cumsum(dim=-1) - probs
-    drop_sorted = (mass_before >= top_p[:, None]) & active[:, None]     # the top token never drops
-    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-    return logits.masked_fill(drop, -math.inf)
+    probs = logits.softmax(dim=-1)
+    V = probs.shape[-1]
+    # A nucleus is usually a few tokens: if the top TOP_P_CANDIDATES already reach top_p in every
+    # row, the answer lies among them and a full sort of the vocabulary is not needed.
+    vals, order = probs.topk(min(V, TOP_P_CANDIDATES), dim=-1)          # [B, k] descending
+    if vals.shape[-1] < V and not bool((vals.sum(dim=-1) >= top_p)[active].all()):
+        vals, order = probs.sort(dim=-1, descending=True)               # [B, V]
+    mass_before = vals.cumsum(dim=-1) - vals
+    keep_sorted = (mass_before < top_p[:, None]) | ~active[:, None]     # the top token always stays
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter(1, order, keep_sorted)
+    keep |= ~active[:, None]
+    return logits.masked_fill(~keep, -math.inf)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,33 @@ def test_top_p_keeps_the_smallest_nucleus():
                                             [True, False, False, False]]
 
 
+def reference_top_p(row, top_p):
+    """The nucleus by a plain sort: the smallest most-likely set whose mass reaches top_p."""
+    probs = row.softmax(-1).tolist()
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    keep, mass = set(), 0.0
+    for i in order:
+        if mass >= top_p:
+            break
+        keep.add(i)
+        mass += probs[i]
+    return keep
+
+
+@pytest.mark.parametrize("spread", [8.0, 0.5])   # a peaked row (few candidates) and a flat one
+def test_top_p_candidate_shortcut_agrees_with_a_full_sort(spread):
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 3000, generator=g, dtype=torch.float64) * spread
+    top_p = torch.tensor([0.9, 0.5, 1.0], dtype=torch.float64)
+    out = apply_top_p(logits, top_p)
+    for r in range(3):
+        kept = set(torch.isfinite(out[r]).nonzero().flatten().tolist())
+        want = reference_top_p(logits[r], float(top_p[r])) if top_p[r] < 1 else set(range(3000))
+        assert kept == want
+    if spread == 0.5:
+        assert len(set(torch.isfinite(out[0]).nonzero().flatten().tolist())) > 256
+
+
 def test_min_p_is_relative_to_the_top_token():
     probs = torch.tensor([[0.6, 0.25, 0.1, 0.05], [0.6, 0.25, 0.1, 0.05]])
     out = apply_min_p(probs.log(), torch.tensor([0.2, 0.0]))   # threshold 0.12 on row 0
