@@ -1,6 +1,7 @@
 """`nanoseek data prepare` and `nanoseek tokenizer train`.
 
     nanoseek data prepare                                  # Python stdlib → runs/data
+    nanoseek data prepare --if-missing                     # no-op when runs/data is whole
     nanoseek data prepare --input corpus/ web.jsonl --out runs/web --vocab-size 16384
     nanoseek tokenizer train --input corpus/ --out runs/tok --vocab-size 8192
 """
@@ -44,6 +45,8 @@ def register(subparsers) -> None:
     run = p.add_argument_group("run")
     run.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--if-missing", action="store_true",
+                     help="do nothing when --out already holds a finished dataset (for `make run`)")
     p.set_defaults(func=cmd_prepare)
 
     tok = subparsers.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
@@ -63,8 +66,17 @@ def register(subparsers) -> None:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from nanoseek.data.curate import CurationConfig
     from nanoseek.data.prepare import PrepareError, format_report, prepare
+    from nanoseek.data.shards import ShardError, read_meta
     from nanoseek.data.tokenizer import TokenizerError
 
+    if args.if_missing:
+        try:
+            meta = read_meta(args.out)
+            print(f"{args.out} is already prepared: " + ", ".join(
+                f"{s} {e['tokens']:,} tokens" for s, e in meta["splits"].items()))
+            return 0
+        except ShardError:
+            pass
     try:
         cfg = CurationConfig(
             min_chars=args.min_chars, max_line_chars=args.max_line_chars,

@@ -4,6 +4,7 @@
     report = prepare(None, "runs/data")                 # the Python standard library, 8k vocab
     report = prepare(["docs/", "web.jsonl"], "out", vocab_size=16384, val_fraction=0.01)
     report["curation"]["kept"]                          # {"docs": ..., "bytes": ...}
+    meta = ensure_prepared("runs/data")                 # `make run`: build the default corpus once
 
 Memory stays flat whatever the corpus size: documents stream through a bounded window of worker
 tasks, kept ones are staged on disk (out_dir/.staging, removed at the end) for the tokenizer and
@@ -300,6 +301,17 @@ def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, vocab_size: in
         for w in writers:
             w.abort()
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def ensure_prepared(out_dir: str | os.PathLike = "runs/data", inputs: list[str] | None = None, **kw) -> dict:
+    """meta.json of `out_dir`, running `prepare(inputs, out_dir, **kw)` first unless it is whole already."""
+    from nanoseek.data.shards import ShardError, read_meta
+
+    try:
+        return read_meta(out_dir)
+    except ShardError:
+        prepare(inputs, out_dir, **kw)
+        return read_meta(out_dir)
 
 
 def _remove_stale_shards(out: Path, splits: dict) -> None:

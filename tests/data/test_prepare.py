@@ -7,7 +7,7 @@ import pytest
 
 from nanoseek.cli import main
 from nanoseek.data import prepare as prepare_mod
-from nanoseek.data.prepare import PrepareError, prepare
+from nanoseek.data.prepare import PrepareError, ensure_prepared, prepare
 from nanoseek.data.shards import ShardError, ShardLoader, read_meta
 from nanoseek.data.sources import Document, iter_documents, split_of
 from nanoseek.data.tokenizer import load_tokenizer
@@ -113,6 +113,13 @@ def test_interrupted_prepare_leaves_no_dataset(prepared, corpus_dir, tmp_path, m
     assert not list(out.glob("*.tmp*")) and not (out / ".staging").exists()
 
 
+def test_ensure_prepared_builds_once(corpus_dir, tmp_path):
+    meta = ensure_prepared(tmp_path, [str(corpus_dir)], workers=1, **KW)
+    stamp = (tmp_path / "meta.json").stat().st_mtime_ns
+    assert ensure_prepared(tmp_path, [str(corpus_dir)], workers=1, **KW) == meta
+    assert (tmp_path / "meta.json").stat().st_mtime_ns == stamp
+
+
 def test_reprepare_removes_stale_shards(corpus_dir, tmp_path):
     prepare([str(corpus_dir)], tmp_path, workers=1, **{**KW, "shard_tokens": 5_000})
     many = len(list(tmp_path.glob("train_*.bin")))
@@ -128,6 +135,10 @@ def test_cli_prepare_and_tokenizer_train(corpus_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert rc == 0 and "near_dup" in printed and "tokenize_pack" in printed
     assert (tmp_path / "d" / "meta.json").is_file()
+    before = (tmp_path / "d" / "meta.json").stat().st_mtime_ns
+    rc = main(["data", "prepare", "--input", str(corpus_dir), "--out", str(tmp_path / "d"), "--if-missing"])
+    assert rc == 0 and "already prepared" in capsys.readouterr().out
+    assert (tmp_path / "d" / "meta.json").stat().st_mtime_ns == before
     rc = main(["data", "prepare", "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "e"), "--no-progress"])
     assert rc == 2 and "missing=1" in capsys.readouterr().err
     rc = main(["tokenizer", "train", "--input", str(corpus_dir), "--out", str(tmp_path / "t"), "--vocab-size", "500",
