@@ -152,12 +152,19 @@ def shingle_hashes(text: str, n: int) -> np.ndarray:
 
 def minhash_signature(hashes: np.ndarray, num_perm: int, seed: int = 1, chunk: int = 4096) -> np.ndarray:
     """(num_perm,) MinHash of a set of 32-bit hashes, with datasketch's default (affine32) scheme."""
-    from datasketch import MinHash
-
-    mh = MinHash(num_perm=num_perm, seed=seed, hashfunc=int, scheme=MINHASH_SCHEME)
+    mh = _minhash(num_perm=num_perm, seed=seed, hashfunc=int)
     for i in range(0, len(hashes), chunk):  # chunked: one (S, num_perm) matrix of a big file is GBs
         mh.update_batch(hashes[i: i + chunk])
     return mh.hashvalues
+
+
+def _minhash(**kw):
+    from datasketch import MinHash
+
+    try:
+        return MinHash(scheme=MINHASH_SCHEME, **kw)
+    except TypeError:  # datasketch < 2.0 has one scheme and no such argument
+        return MinHash(**kw)
 
 
 class NearDedup:
@@ -170,11 +177,9 @@ class NearDedup:
         self.lsh = MinHashLSH(threshold=cfg.near_dup_threshold, num_perm=cfg.num_perm)
 
     def _minhash(self, signature: np.ndarray):
-        from datasketch import MinHash
-
         if signature.shape != (self.num_perm,):
             raise ValueError(f"signature shape {signature.shape} != ({self.num_perm},)")
-        return MinHash(hashvalues=signature, scheme=MINHASH_SCHEME)
+        return _minhash(hashvalues=signature)
 
     def check(self, doc_id: str, signature: np.ndarray) -> str | None:
         mh = self._minhash(signature)
