@@ -120,31 +120,28 @@ def make_generator(seed: int | None) -> torch.Generator | None:
 
 
 # ---------------------------------------------------------------------- pure building blocks
-def token_counts(id_lists: Sequence[Sequence[int]], vocab_size: int) -> torch.Tensor:
-    """[B, V] how often each token occurs in each row's list."""
-    counts = torch.zeros(len(id_lists), vocab_size, dtype=torch.long)
-    for row, ids in enumerate(id_lists):
-        if len(ids):
-            counts[row] = torch.bincount(torch.as_tensor(list(ids), dtype=torch.long),
-                                         minlength=vocab_size)
-    return counts
-
-
-def apply_penalties(logits: torch.Tensor, prompt_mask: torch.Tensor, output_counts: torch.Tensor,
-                    presence: torch.Tensor, frequency: torch.Tensor,
-                    repetition: torch.Tensor) -> torch.Tensor:
-    """logits [B, V]; prompt_mask [B, V] bool; output_counts [B, V]; penalties [B].
+def apply_penalties(logits: torch.Tensor, prompt_ids: Sequence[Sequence[int]],
+                    output_ids: Sequence[Sequence[int]], presence: Sequence[float],
+                    frequency: Sequence[float], repetition: Sequence[float]) -> torch.Tensor:
+    """logits [B, V]; per row: its prompt and output token ids and three penalties.
 
     Repetition (CTRL/HF): tokens seen in prompt or output are made less likely, dividing a positive
     logit and multiplying a negative one. Frequency and presence (OpenAI): subtract
-    frequency * count and presence * (count > 0) for tokens of the output only.
+    frequency * count + presence from each token of the output (prompt tokens are not counted).
+    Only the columns of tokens that occur are touched: the cost follows the tokens seen, not V.
     """
-    seen = prompt_mask | (output_counts > 0)
-    r = repetition[:, None].expand_as(logits)
-    penalized = torch.where(logits > 0, logits / r, logits * r)
-    logits = torch.where(seen, penalized, logits)
-    counts = output_counts.to(logits.dtype)
-    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(logits.dtype)
+    logits = logits.clone()
+    for row in range(logits.shape[0]):
+        p, f, r = float(presence[row]), float(frequency[row]), float(repetition[row])
+        out = torch.as_tensor(list(output_ids[row]), dtype=torch.long)
+        if r != 1.0:
+            seen = torch.cat([torch.as_tensor(list(prompt_ids[row]), dtype=torch.long), out]).unique()
+            vals = logits[row, seen]
+            logits[row, seen] = torch.where(vals > 0, vals / r, vals * r)
+        if (p or f) and len(out):
+            ids, counts = out.unique(return_counts=True)
+            logits[row, ids] -= f * counts.to(logits.dtype) + p
+    return logits
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -198,16 +195,23 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 def random_sample(probs: torch.Tensor,
                   generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """Draw one token per row of probs [B, V]: argmax(p / Exp(1) noise), exact for categorical
-    sampling, and each seeded row's noise comes from its own generator only."""
-    noise = torch.empty_like(probs)
+    """Draw one token per row of probs [B, V] by inverting its CDF at one uniform number.
+
+    A seeded row takes its uniform from its own generator only (one number per step), so its draws
+    do not depend on the other rows. probs need not be normalised; zero entries are never drawn.
+    """
+    B, V = probs.shape
+    u = torch.empty(B, 1, dtype=torch.float64)                        # [B, 1]
     unseeded = [i for i, g in enumerate(generators) if g is None]
     if unseeded:
-        noise[unseeded] = torch.empty(len(unseeded), probs.shape[-1], dtype=probs.dtype).exponential_()
+        u[unseeded] = torch.rand(len(unseeded), 1, dtype=torch.float64)
     for i, g in enumerate(generators):
         if g is not None:
-            noise[i].exponential_(generator=g)
-    return (probs / noise).argmax(dim=-1)
+            u[i] = torch.rand(1, generator=g, dtype=torch.float64)
+    cdf = probs.to(torch.float64).cumsum(dim=-1)                       # [B, V]
+    total = cdf[:, -1:]
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=V - 1)
 
 
 def mask_tokens(logits: torch.Tensor, rows_to_ids: dict[int, list[int]]) -> torch.Tensor:
@@ -251,11 +255,9 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     x = mask_tokens(x, banned)
 
     if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
-        prompt_mask = token_counts(prompt_ids, V) > 0
-        x = apply_penalties(x, prompt_mask, token_counts(output_ids, V),
-                            torch.tensor([p.presence_penalty for p in params]),
-                            torch.tensor([p.frequency_penalty for p in params]),
-                            torch.tensor([float(p.repetition_penalty) for p in params]))
+        x = apply_penalties(x, prompt_ids, output_ids, [p.presence_penalty for p in params],
+                            [p.frequency_penalty for p in params],
+                            [p.repetition_penalty for p in params])
 
     token_ids = x.argmax(dim=-1)
     rand_rows = [i for i, p in enumerate(params) if not p.is_greedy]

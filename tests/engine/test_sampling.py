@@ -7,7 +7,7 @@ import torch
 
 from nanoseek.engine.sampling import (
     SamplingParams, SamplingParamsError, apply_min_p, apply_penalties, apply_temperature,
-    apply_top_k, apply_top_p, make_generator, random_sample, sample, token_counts)
+    apply_top_k, apply_top_p, make_generator, random_sample, sample)
 
 V = 12
 
@@ -108,16 +108,16 @@ def test_min_p_is_relative_to_the_top_token():
 
 def test_penalties():
     logits = torch.tensor([[2.0, -2.0, 1.0, 1.0, 1.0]])
-    prompt_mask = token_counts([[0, 1]], 5) > 0
-    counts = token_counts([[2, 2, 3]], 5)
-    assert counts.tolist() == [[0, 0, 2, 1, 0]]
-    one = torch.tensor([1.0])
-    rep = apply_penalties(logits, prompt_mask, torch.zeros_like(counts), 0 * one, 0 * one, 2 * one)
+    prompt, output = [[0, 1]], [[2, 2, 3]]
+    rep = apply_penalties(logits, prompt, [[]], [0], [0], [2])
     assert rep.tolist() == [[1.0, -4.0, 1.0, 1.0, 1.0]]          # positive halved, negative doubled
-    freq = apply_penalties(logits, prompt_mask, counts, 0 * one, 0.5 * one, one)
+    rep_out = apply_penalties(logits, [[]], output, [0], [0], [2])
+    assert rep_out.tolist() == [[2.0, -2.0, 0.5, 0.5, 1.0]]      # output tokens count as seen too
+    freq = apply_penalties(logits, prompt, output, [0], [0.5], [1])
     assert freq.tolist() == [[2.0, -2.0, 0.0, 0.5, 1.0]]         # output tokens only, by count
-    pres = apply_penalties(logits, prompt_mask, counts, 0.5 * one, 0 * one, one)
+    pres = apply_penalties(logits, prompt, output, [0.5], [0], [1])
     assert pres.tolist() == [[2.0, -2.0, 0.5, 0.5, 1.0]]
+    assert logits.tolist() == [[2.0, -2.0, 1.0, 1.0, 1.0]]       # pure: the input is untouched
 
 
 def test_penalties_change_greedy_choice_in_the_batch_sampler():
@@ -180,6 +180,13 @@ def test_random_sample_uses_only_each_rows_generator():
     b = random_sample(probs[:1], [g2])
     assert a[0] == b[0]
     assert g1.get_state().equal(g2.get_state())
+
+
+def test_zero_probability_tokens_are_never_drawn():
+    probs = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0], [0.0, 0.0, 0.0, 0.0, 2.0]])   # unnormalised ok
+    g = make_generator(0)
+    draws = torch.cat([random_sample(probs, [g, None]) for _ in range(500)]).view(-1, 2)
+    assert set(draws[:, 0].tolist()) == {1, 3} and set(draws[:, 1].tolist()) == {4}
 
 
 def test_logprobs_are_the_models_raw_log_softmax():
