@@ -73,8 +73,10 @@ def _init_tokenizer_worker(tokenizer_json: str) -> None:
 
 def _tokenize_batch(texts: list[str], eos_id: int, dtype: str) -> np.ndarray:
     """Token ids of `texts` back to back, each document followed by EOS."""
+    # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we would throw away
+    encode = getattr(_WORKER_TOKENIZER, "encode_batch_fast", _WORKER_TOKENIZER.encode_batch)
     out = []
-    for enc in _WORKER_TOKENIZER.encode_batch(texts, add_special_tokens=False):
+    for enc in encode(texts, add_special_tokens=False):
         out.append(np.asarray(enc.ids, dtype=dtype))
         out.append(np.asarray([eos_id], dtype=dtype))
     return np.concatenate(out) if out else np.empty(0, dtype=dtype)
@@ -162,8 +164,6 @@ def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, vocab_size: in
     tokenizer: use this tokenizer (folder or tokenizer.json) instead of training one.
     tokenizer_train_bytes: train the tokenizer on at most this many bytes of the train split.
     """
-    from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer
-
     cfg = curation or CurationConfig()
     sources.split_of("", val_fraction)  # validates val_fraction before any work
     workers = (os.cpu_count() or 1) if workers is None else workers
@@ -178,121 +178,19 @@ def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, vocab_size: in
                     "out_dir": str(out), "curation_config": asdict(cfg), "stages": {}}
     writers: list[ShardWriter] = []
     try:
-        # 1. read + curate ------------------------------------------------------------------
-        cur = CurationReport()
-        skipped_examples: list[str] = []
-        staged = {s: open(staging / f"{s}.docs", "wb") for s in SPLITS}
-        staged_docs = dict.fromkeys(SPLITS, 0)
-        staged_bytes = dict.fromkeys(SPLITS, 0)
-        exact = curate.ExactDedup() if cfg.exact_dedup else None
-        near = curate.NearDedup(cfg) if cfg.near_dedup else None
-        t0 = time.perf_counter()
-        bar = _bar(progress, sources.total_input_bytes(inputs), "read+curate")
-
-        def on_skip(item: sources.Skipped) -> None:
-            cur.add(item.reason, item.nbytes)
-            bar.update(item.nbytes)
-            if len(skipped_examples) < 20:
-                skipped_examples.append(f"{item.reason}: {item.detail or item.doc_id}")
-
-        ex = _Executor(workers)
-        try:
-            tasks = _batches(sources.iter_documents(inputs, text_field), on_skip)
-            for (_, docs), results in ex.map(_analyze_batch, tasks, (cfg,)):
-                for doc, (reason, key, sig) in zip(docs, results):
-                    if reason is None and exact is not None:
-                        reason = exact.check(key)
-                    if reason is None and near is not None:
-                        reason = near.check(doc.doc_id, sig)
-                    if reason is None:
-                        split = sources.split_of(doc.doc_id, val_fraction)
-                        write_staged(staged[split], doc.text)
-                        staged_docs[split] += 1
-                        staged_bytes[split] += doc.nbytes
-                    cur.add(reason or "kept", doc.nbytes)
-                    bar.update(doc.nbytes)
-                bar.set_postfix(docs=cur.total_docs, kept=cur.docs.get("kept", 0),
-                                docs_per_s=f"{cur.total_docs / max(time.perf_counter() - t0, 1e-9):.0f}",
-                                refresh=False)
-        finally:
-            ex.close()
-            bar.close()
-            for f in staged.values():
-                f.close()
-        _stage(report, "read_curate", time.perf_counter() - t0, cur.total_bytes, cur.total_docs)
-        report["curation"] = cur.to_dict()
-        report["skipped_examples"] = skipped_examples
-        if staged_docs["train"] == 0:
-            dropped = ", ".join(f"{k}={v['docs']}" for k, v in cur.to_dict().items() if k != "kept")
-            raise PrepareError(f"nothing usable remains in {report['inputs']}: {cur.total_docs} documents read, "
-                               f"{staged_docs['val']} kept for val, 0 for train (dropped: {dropped or 'none'})")
-
-        # 2. tokenizer ----------------------------------------------------------------------
-        t0 = time.perf_counter()
-        if tokenizer is not None:
-            tok = load_tokenizer(tokenizer)
-            tok.save(out)
-            report["tokenizer"] = {"source": str(tokenizer), "trained": False}
-            used = 0
-        else:
-            bar = _bar(progress, tokenizer_train_bytes or staged_bytes["train"], "tokenizer")
-
-            def train_texts() -> Iterator[str]:
-                seen = 0
-                for text in iter_staged(staging / "train.docs"):
-                    if tokenizer_train_bytes is not None and seen >= tokenizer_train_bytes:
-                        return
-                    n = len(text.encode("utf-8"))
-                    seen += n
-                    bar.update(n)
-                    yield text
-            with bar:
-                tok = train_tokenizer(train_texts(), vocab_size, out)
-                used = bar.n
-            report["tokenizer"] = {"source": "trained", "trained": True, "train_bytes": used}
-        report["tokenizer"]["vocab_size"] = tok.vocab_size
-        if tok.eos_id is None:
-            raise PrepareError(f"tokenizer {tokenizer} has no EOS token to separate documents with")
-        _stage(report, "tokenizer", time.perf_counter() - t0, used, 0)
-
-        # 3. tokenize + pack ----------------------------------------------------------------
-        t0 = time.perf_counter()
+        staged = _read_and_curate(inputs, text_field, cfg, val_fraction, staging, workers, progress, report)
+        tok = _get_tokenizer(tokenizer, vocab_size, tokenizer_train_bytes, staging, staged, out, progress, report)
         dtype = token_dtype(tok.vocab_size)
-        splits = {}
-        total_bytes = sum(staged_bytes.values())
-        bar = _bar(progress, total_bytes, "tokenize")
-        ex = _Executor(workers, _init_tokenizer_worker, (tok.tok.to_str(),))
-        try:
-            for split in SPLITS:
-                w = ShardWriter(out, split, dtype, shard_tokens)
-                writers.append(w)
-                docs_in = (sources.Document(split, t, len(t.encode("utf-8")))
-                           for t in iter_staged(staging / f"{split}.docs"))
-                batches = _batches(docs_in, on_skip=None)
-                for (_, docs), ids in ex.map(_tokenize_batch, batches, (tok.eos_id, dtype.str)):
-                    w.add(ids, docs=len(docs))
-                    bar.update(sum(d.nbytes for d in docs))
-                    done = sum(x.docs for x in writers)
-                    bar.set_postfix(docs=done, tokens=sum(x.tokens for x in writers),
-                                    docs_per_s=f"{done / max(time.perf_counter() - t0, 1e-9):.0f}",
-                                    refresh=False)
-        finally:
-            ex.close()
-            bar.close()
-        for w in writers:
-            entry = w.finish()
-            entry["bytes"] = staged_bytes[w.split]
-            splits[w.split] = entry
+        writers = [ShardWriter(out, split, dtype, shard_tokens) for split in SPLITS]
+        _tokenize_and_pack(tok, writers, staging, staged, workers, progress, report)
+        splits = {w.split: {**w.finish(), "bytes": staged[w.split]["bytes"]} for w in writers}
         writers = []
-        _stage(report, "tokenize_pack", time.perf_counter() - t0, total_bytes, sum(staged_docs.values()))
         _remove_stale_shards(out, splits)
-
-        # 4. index last ---------------------------------------------------------------------
         report["splits"] = {s: {"docs": e["docs"], "tokens": e["tokens"], "bytes": e["bytes"],
                                 "shards": len(e["shards"])} for s, e in splits.items()}
         report["total_seconds"] = round(time.perf_counter() - t_start, 3)
         _write_report(out, report)
-        write_meta(out, {
+        write_meta(out, {  # last: from here on the dataset is whole
             "dtype": dtype.name, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
             "pad_id": tok.pad_id, "tokenizer": "tokenizer.json", "val_fraction": val_fraction,
             "inputs": report["inputs"], "splits": splits})
@@ -301,6 +199,118 @@ def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, vocab_size: in
         for w in writers:
             w.abort()
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _read_and_curate(inputs, text_field: str, cfg: CurationConfig, val_fraction: float, staging: Path,
+                     workers: int, progress: bool, report: dict) -> dict:
+    """Stage 1: decide keep/drop per document in input order; kept ones go to staging/<split>.docs."""
+    cur = CurationReport()
+    skipped_examples: list[str] = []
+    staged = {s: {"docs": 0, "bytes": 0} for s in SPLITS}
+    files = {s: open(staging / f"{s}.docs", "wb") for s in SPLITS}
+    exact = curate.ExactDedup() if cfg.exact_dedup else None
+    near = curate.NearDedup(cfg) if cfg.near_dedup else None
+    t0 = time.perf_counter()
+    bar = _bar(progress, sources.total_input_bytes(inputs), "read+curate")
+
+    def on_skip(item: sources.Skipped) -> None:
+        cur.add(item.reason, item.nbytes)
+        bar.update(item.nbytes)
+        if len(skipped_examples) < 20:
+            skipped_examples.append(f"{item.reason}: {item.detail or item.doc_id}")
+
+    ex = _Executor(workers)
+    try:
+        tasks = _batches(sources.iter_documents(inputs, text_field), on_skip)
+        for (_, docs), results in ex.map(_analyze_batch, tasks, (cfg,)):
+            for doc, (reason, key, sig) in zip(docs, results):
+                if reason is None and exact is not None:
+                    reason = exact.check(key)
+                if reason is None and near is not None:
+                    reason = near.check(doc.doc_id, sig)
+                if reason is None:
+                    split = sources.split_of(doc.doc_id, val_fraction)
+                    write_staged(files[split], doc.text)
+                    staged[split]["docs"] += 1
+                    staged[split]["bytes"] += doc.nbytes
+                cur.add(reason or "kept", doc.nbytes)
+                bar.update(doc.nbytes)
+            bar.set_postfix(docs=cur.total_docs, kept=cur.docs.get("kept", 0),
+                            docs_per_s=f"{cur.total_docs / max(time.perf_counter() - t0, 1e-9):.0f}",
+                            refresh=False)
+    finally:
+        ex.close()
+        bar.close()
+        for f in files.values():
+            f.close()
+    _stage(report, "read_curate", time.perf_counter() - t0, cur.total_bytes, cur.total_docs)
+    report["curation"] = cur.to_dict()
+    report["skipped_examples"] = skipped_examples
+    if staged["train"]["docs"] == 0:
+        dropped = ", ".join(f"{k}={v['docs']}" for k, v in cur.to_dict().items() if k != "kept")
+        raise PrepareError(f"nothing usable remains in {report['inputs']}: {cur.total_docs} documents read, "
+                           f"{staged['val']['docs']} kept for val, 0 for train (dropped: {dropped or 'none'})")
+    return staged
+
+
+def _get_tokenizer(tokenizer, vocab_size: int, train_bytes: int | None, staging: Path, staged: dict,
+                   out: Path, progress: bool, report: dict):
+    """Stage 2: load the given tokenizer, or train one on the staged train split; saved into `out`."""
+    from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer
+
+    t0 = time.perf_counter()
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+        tok.save(out)
+        report["tokenizer"] = {"source": str(tokenizer), "trained": False}
+        used = 0
+    else:
+        bar = _bar(progress, train_bytes or staged["train"]["bytes"], "tokenizer")
+        seen = [0]  # not bar.n: a disabled bar counts nothing
+
+        def train_texts() -> Iterator[str]:
+            for text in iter_staged(staging / "train.docs"):
+                if train_bytes is not None and seen[0] >= train_bytes:
+                    return
+                n = len(text.encode("utf-8"))
+                seen[0] += n
+                bar.update(n)
+                yield text
+
+        with bar:
+            tok = train_tokenizer(train_texts(), vocab_size, out)
+        used = seen[0]
+        report["tokenizer"] = {"source": "trained", "trained": True, "train_bytes": used}
+    report["tokenizer"]["vocab_size"] = tok.vocab_size
+    if tok.eos_id is None:
+        raise PrepareError(f"tokenizer {tokenizer} has no EOS token to separate documents with")
+    _stage(report, "tokenizer", time.perf_counter() - t0, used, 0)
+    return tok
+
+
+def _tokenize_and_pack(tok, writers: list[ShardWriter], staging: Path, staged: dict, workers: int,
+                       progress: bool, report: dict) -> None:
+    """Stage 3: tokenize the staged documents in worker processes, append them (EOS after each) to shards."""
+    t0 = time.perf_counter()
+    total_bytes = sum(e["bytes"] for e in staged.values())
+    bar = _bar(progress, total_bytes, "tokenize")
+    ex = _Executor(workers, _init_tokenizer_worker, (tok.tok.to_str(),))
+    try:
+        for w in writers:
+            docs_in = (sources.Document(w.split, t, len(t.encode("utf-8")))
+                       for t in iter_staged(staging / f"{w.split}.docs"))
+            for (_, docs), ids in ex.map(_tokenize_batch, _batches(docs_in, on_skip=None),
+                                         (tok.eos_id, w.dtype.str)):
+                w.add(ids, docs=len(docs))
+                bar.update(sum(d.nbytes for d in docs))
+                done = sum(x.docs for x in writers)
+                bar.set_postfix(docs=done, tokens=sum(x.tokens for x in writers),
+                                docs_per_s=f"{done / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
+    finally:
+        ex.close()
+        bar.close()
+    _stage(report, "tokenize_pack", time.perf_counter() - t0, total_bytes,
+           sum(e["docs"] for e in staged.values()))
 
 
 def ensure_prepared(out_dir: str | os.PathLike = "runs/data", inputs: list[str] | None = None, **kw) -> dict:

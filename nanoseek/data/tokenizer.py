@@ -4,6 +4,7 @@
     tok = load_tokenizer("runs/data")            # or a DeepSeek model folder, or a tokenizer.json
     ids = tok.encode("def f(x):\n    return x", add_bos=True)
     tok.decode(ids)                              # round-trips any UTF-8 text
+    step = tok.stream_decoder(); "".join(step(i) for i in ids)   # incremental, for streaming APIs
     tok.bos_id, tok.eos_id, tok.pad_id, tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id
     prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}])   # a string: encode it
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
@@ -116,6 +117,17 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def stream_decoder(self, skip_special_tokens: bool = False) -> Callable[[int], str]:
+        """For streaming: a function taking one id at a time and returning the text it completes.
+
+        Byte-level tokens can end inside a UTF-8 character; the function returns '' until the
+        character is whole, so the pieces always join to `decode(ids)`.
+        """
+        from tokenizers.decoders import DecodeStream
+
+        stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        return lambda token_id: stream.step(self.tok, token_id) or ""
 
     def id_to_token(self, i: int) -> str | None:
         return self.tok.id_to_token(i)

@@ -82,6 +82,13 @@ def test_given_tokenizer_is_used_not_trained(corpus_dir, tokenizer_dir, tmp_path
     assert (tmp_path / "tokenizer.json").read_text() == (tokenizer_dir / "tokenizer.json").read_text()
 
 
+def test_tokenizer_training_can_be_capped(corpus_dir, tmp_path, prepared):
+    report = prepare([str(corpus_dir)], tmp_path, tokenizer_train_bytes=30_000, workers=1, **KW)
+    used = report["tokenizer"]["train_bytes"]
+    assert 30_000 <= used < prepared[1]["tokenizer"]["train_bytes"]
+    assert report["splits"]["train"]["tokens"] > prepared[1]["splits"]["train"]["tokens"]  # a weaker tokenizer
+
+
 def test_nothing_usable_is_a_clear_error(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "blank.txt").write_text("\n\n")

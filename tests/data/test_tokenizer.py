@@ -55,6 +55,17 @@ def test_round_trip_random_unicode(tokenizer_dir):
         assert tok.decode(tok.encode(text)) == text
 
 
+def test_stream_decoder_joins_to_decode(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    text = "日本語 🙂👍🏽 café <|eos|> done"
+    step = tok.stream_decoder()
+    pieces = [step(i) for i in tok.encode(text)]
+    assert "".join(pieces) == text
+    assert "" in pieces  # a multi-byte character spans tokens: nothing until it is whole
+    skip = tok.stream_decoder(skip_special_tokens=True)
+    assert "".join(skip(i) for i in tok.encode("a<|eos|>b")) == "ab"
+
+
 def test_bpe_compresses_what_it_was_trained_on(tokenizer_dir, texts):
     tok = load_tokenizer(tokenizer_dir)
     code = texts[0]
