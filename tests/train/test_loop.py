@@ -86,15 +86,25 @@ def _wait_for_checkpoint(proc: subprocess.Popen, run: Path, timeout: float = 120
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_a_killed_process_resumes_exactly(tmp_path, data, sig):
+N_STRAIGHT = 24
+
+
+@pytest.fixture(scope="module")
+def straight_losses(tmp_path_factory, data):
+    """The same settings as _cli, trained in this process without interruption."""
+    tmp = tmp_path_factory.mktemp("straight")
+    cfg = run_config(tmp, tiny_v2(), data, schedule="constant", warmup_steps=2, lr=3e-3, eval_every=0,
+                     max_steps=N_STRAIGHT, checkpoint_every=0)
+    train(cfg)
+    return losses(cfg.out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_killed_process_resumes_exactly(tmp_path, data, straight_losses, sig):
     """A real training process is killed (SIGKILL: no chance to save; SIGTERM: saves and exits),
     resumed in another process, and matches a straight run step for step (constant lr, so the
     longer max_steps of the killed process does not change the first 24 steps)."""
-    n = 24
-    straight = tmp_path / "straight"
-    subprocess.run(_cli(tmp_path, data, straight, "--max-steps", str(n), "--checkpoint-every", "0"),
-                   check=True, capture_output=True, cwd=ROOT)
+    n = N_STRAIGHT
     run = tmp_path / "killed"
     proc = subprocess.Popen(_cli(tmp_path, data, run, "--max-steps", "100000", "--checkpoint-every", "4"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
@@ -110,7 +120,7 @@ def test_a_killed_process_resumes_exactly(tmp_path, data, sig):
     assert 4 <= resumed_from < n
     subprocess.run(_cli(tmp_path, data, run, "--resume", "--max-steps", str(n)), check=True, capture_output=True,
                    cwd=ROOT)
-    want, got = losses(straight), losses(run)
+    want, got = straight_losses, losses(run)
     assert list(got) == list(range(1, n + 1))  # the killed run's extra steps were dropped from the log
     assert got == want
 
