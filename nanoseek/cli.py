@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "nanoseek.serve.keys_cli",
     "nanoseek.info",
     "nanoseek.train.cli",
+    "nanoseek.train.compare_cli",
 ]
 
 
