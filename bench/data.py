@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -34,6 +35,7 @@ def main() -> int:
     args = ap.parse_args()
 
     out = Path(args.out or tempfile.mkdtemp(prefix="nanoseek-bench-data-"))
+    load_before = os.getloadavg()[0]  # the CPU is shared: a busy machine stretches every stage
     try:
         t0 = time.perf_counter()
         report = prepare(None, out, args.vocab_size, workers=args.workers, progress=True)
@@ -62,6 +64,13 @@ def main() -> int:
           f"kept {report['curation']['kept']['docs']} of "
           f"{sum(v['docs'] for v in report['curation'].values())} docs; "
           f"loader: {args.loader_batches / loader_s:.0f} batches/s of 16x512")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"peak RSS: {peak:.0f} MB main process, {peak_child:.0f} MB largest worker")
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"CPU time: {own.ru_utime + own.ru_stime:.1f} s main process (incl. tokenizers threads), "
+          f"{kids.ru_utime + kids.ru_stime:.1f} s workers; load average before the run: {load_before:.1f}")
     return 0
 
 
