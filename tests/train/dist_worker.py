@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.checkpoint import load_model, save_model
 from nanoseek.model.transformer import build_model
-from nanoseek.train.distributed import (EPExperts, clip_grad_norm, full_state_dict, init_distributed, load_full_state_dict,
-                                        prepare_model, unwrap)
+from nanoseek.train.distributed import (EPExperts, clip_grad_norm, full_state_dict, init_distributed,
+                                        load_full_state_dict, prepare_model, to_single_process, unwrap)
 
 GLOBAL_BATCH, SEQ_LEN, LR = 4, 16, 3e-3
 CLIP = 0.5  # below the first steps' gradient norm, so clipping acts
@@ -95,6 +97,13 @@ def train(mode: str, steps: int, model_type: str = "deepseek_v2") -> dict:
     load_full_state_dict(fresh, shared[0])
     with torch.no_grad():
         result["reloaded_loss"] = ctx.all_reduce_mean(lm_loss(fresh, x[mine], y[mine])).item()
+    # rank 0 saves a whole-model HF checkpoint (save_model) that loads back as a plain model
+    whole = to_single_process(model, ctx) if ctx.distributed else unwrap(model)
+    if whole is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            loaded = load_model(save_model(whole, Path(tmp) / "ckpt"), dtype=torch.float32)
+            with torch.no_grad():
+                result["saved_loss"] = lm_loss(loaded, x, y).item()  # the whole global batch
     result["state"] = state
     return result
 
