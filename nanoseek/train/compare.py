@@ -10,7 +10,8 @@ Both models train through nanoseek.train.loop with the same data order, batch, s
 optimizer and schedule; each gets as many steps as the FLOP budget buys at its own training FLOPs
 per token (3 x forward, nanoseek.train.loop.train_flops_per_token), so the configs should match
 *active* parameters per token. The run folder gets dense/ and mla_moe/ (ordinary training runs),
-compare.json, compare.md and compare.png (validation loss against training FLOPs).
+compare.json, compare.md and compare.png (validation loss against training FLOPs). A rerun with
+the same settings reuses finished runs and resumes interrupted ones (the trainer's exact resume).
 
 The table: total and active parameters, FLOPs per token, KV-cache bytes per token (bf16), steady
 tokens/s, validation loss at 25/50/100% of the common FLOPs, final validation loss, and the FLOPs
@@ -41,7 +42,7 @@ class CompareConfig:
     dense_config: str = "configs/compare-llama.json"
     moe_config: str = "configs/compare-mla-moe.json"
     flop_budget: float = 0.0  # training FLOPs per model; 0: what dense_steps steps of the dense model cost
-    dense_steps: int = 400
+    dense_steps: int = 250
     batch_size: int = 8
     seq_len: int = 256
     lr: float = 2e-3
@@ -236,19 +237,23 @@ def train_configs(cc: CompareConfig) -> dict[str, "object"]:
     return {"models": cfgs, "train": out, "budget": budget}
 
 
-def _finished(tcfg) -> bool:
-    """A run folder that already holds this exact run, finished (so a rerun reuses it)."""
+def run_state(tcfg) -> str:
+    """'new' (no folder or an empty one), 'finished' or 'partial' (this exact run, reusable or
+    resumable), or 'other' (something else lives there)."""
     from nanoseek.train import checkpoint as ckpt
     from nanoseek.train.config import TrainConfig
 
     run = Path(tcfg.out)
-    found = ckpt.latest_checkpoint(run) if run.is_dir() else None
-    if found is None or found[0] != tcfg.max_steps:
-        return False
+    if not run.is_dir() or not any(run.iterdir()):
+        return "new"
+    found = ckpt.latest_checkpoint(run)
     try:
-        return TrainConfig.load(run).to_dict() == tcfg.to_dict()
+        same = not tcfg.resume_differences(TrainConfig.load(run))
     except (FileNotFoundError, ValueError):
-        return False
+        same = False
+    if not same or found is None:
+        return "other"
+    return "finished" if found[0] == tcfg.max_steps else "partial"
 
 
 def compare(cc: CompareConfig) -> dict:
@@ -261,21 +266,26 @@ def compare(cc: CompareConfig) -> dict:
     out = Path(cc.out)
     todo = {}
     for name, tcfg in plan["train"].items():
-        if _finished(tcfg):
+        state = run_state(tcfg)
+        if state == "finished":
             continue
-        if Path(tcfg.out).exists() and any(Path(tcfg.out).iterdir()):
-            raise ValueError(f"{tcfg.out} holds another or unfinished run; remove it or choose another --out")
+        if state == "other":
+            raise ValueError(f"{tcfg.out} holds a different run (or one without a checkpoint); remove it or "
+                             "choose another --out")
+        tcfg = tcfg.replace(resume=state == "partial")  # an interrupted comparison continues
         preflight(tcfg)  # both models' data/config errors surface before either trains
         todo[name] = tcfg
     out.mkdir(parents=True, exist_ok=True)
     wall = {}
-    for name, tcfg in plan["train"].items():
-        if name in todo:
-            if cc.progress:
-                print(f"compare: training {name} ({tcfg.model_config}) for {tcfg.max_steps} steps", flush=True)
-            t0 = time.perf_counter()
-            train(tcfg)
-            wall[name] = round(time.perf_counter() - t0, 1)
+    for name, tcfg in todo.items():
+        if cc.progress:
+            how = "resuming" if tcfg.resume else "training"
+            print(f"compare: {how} {name} ({tcfg.model_config}) for {tcfg.max_steps} steps", flush=True)
+        t0 = time.perf_counter()
+        summary = train(tcfg)
+        wall[name] = round(time.perf_counter() - t0, 1)
+        if summary["interrupted"]:  # the trainer saved a checkpoint; a rerun resumes from it
+            raise KeyboardInterrupt(f"{summary['interrupted']} while training {name}; rerun to resume")
     facts, curves, rates, train_recs = {}, {}, {}, {}
     for name, tcfg in plan["train"].items():
         recs, val = read_metrics(tcfg.out)

@@ -12,7 +12,8 @@ from nanoseek import cli
 from nanoseek.config import ModelConfig
 from nanoseek.info import count_params
 from nanoseek.train.compare import (CompareConfig, compare, flops_to_reach, loss_at, steps_for_budget,
-                                    summarize)
+                                    summarize, train_configs)
+from nanoseek.train.loop import train
 from tests.train.helpers import make_data
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,8 +70,15 @@ def test_compare_end_to_end(tmp_path, capsys):
             "--moe-config", str(moe_cfg), "--dense-steps", "24", "--batch-size", "4", "--seq-len", "32",
             "--lr", "3e-3", "--warmup-steps", "2", "--evals", "4", "--eval-batches", "2", "--threads", "1",
             "--peak-flops", "1e11", "--no-progress"]
-    assert cli.main(argv) == 0
+    # the dense run was interrupted at step 10 (checkpoint saved): compare resumes it
+    plan = train_configs(CompareConfig(data=str(data), out=str(out), dense_config=str(dense_cfg),
+                                       moe_config=str(moe_cfg), dense_steps=24, batch_size=4, seq_len=32,
+                                       lr=3e-3, warmup_steps=2, evals=4, eval_batches=2, threads=1,
+                                       peak_flops=1e11, progress=False))
+    assert train(plan["train"]["dense"].replace(stop_after=10))["step"] == 10
+    assert cli.main(argv[:-1]) == 0  # with progress: prints what it does
     printed = capsys.readouterr().out
+    assert "resuming dense" in printed and "training mla_moe" in printed
     assert "| dense |" in printed and "| mla_moe |" in printed
     result = json.loads((out / "compare.json").read_text())
     rows = result["models"]
@@ -83,6 +91,8 @@ def test_compare_end_to_end(tmp_path, capsys):
         # the models learned the cyclic sequence: below the uniform-guess loss ln(V)
         assert math.isfinite(r["final_val_loss"]) and r["final_val_loss"] < math.log(VOCAB) - 0.3
         assert r["tokens_per_s"] > 0 and len(result["curves"][name]) >= 4
+        flops = [f for f, _ in result["curves"][name]]
+        assert flops == sorted(flops) and len(set(flops)) == len(flops)  # the resume left no duplicate evals
         assert all(r["val_loss_at"][k] is not None for k in ("50%", "100%"))
     assert rows["mla_moe"]["kv_bytes_per_token"] == (16 + 4) * 2 * 2  # (L + R) * layers * bf16
     assert rows["dense"]["kv_bytes_per_token"] == 2 * 2 * 8 * 2 * 2  # K+V * kv heads * D * layers * bf16
