@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,11 +266,18 @@ def train(tcfg: TrainConfig) -> dict:
         tcfg.save(run)
         if state is not None:
             _truncate_metrics(run / METRICS, start)
-    wrapped = model
+    wrapped, clip = model, None
+    expert_parallel = ctx.world_size > 1 and tcfg.expert_parallel
+    if expert_parallel and (state is not None or mtp is not None):
+        # each rank's optimizer holds its own expert slice's moments, which one file does not keep
+        raise TrainError("expert parallel runs cannot resume or train MTP modules yet; "
+                         "use data parallel (--no-expert-parallel)")
     if ctx.world_size > 1:
-        from nanoseek.train.distributed import prepare_model
+        from nanoseek.train import distributed
 
-        wrapped = prepare_model(model, ctx, tcfg.expert_parallel)
+        wrapped = distributed.prepare_model(model, ctx, tcfg.expert_parallel)
+        if expert_parallel:
+            clip = lambda max_norm: distributed.clip_grad_norm(wrapped, max_norm, ctx)  # noqa: E731
     if tcfg.activation_checkpointing:
         _activation_checkpointing(model)
     if tcfg.compile:
@@ -284,13 +292,17 @@ def train(tcfg: TrainConfig) -> dict:
     reduce = ctx.all_reduce_mean if ctx.world_size > 1 else None
 
     def save(step: int) -> Path | None:
-        path = None
+        path, whole = None, model
+        if expert_parallel:  # collective: every rank sends its expert slice to rank 0
+            from nanoseek.train.distributed import to_single_process
+
+            whole = to_single_process(wrapped, ctx)
         if ctx.is_main:
             rng = {"torch": torch.get_rng_state(),
                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
             tstate = {"step": step, "optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(),
                       "rng": rng, "tokens": tokens_seen, "flops": flops_done, "train_config": tcfg.to_dict()}
-            path = ckpt.save_checkpoint(run, step, model, tstate, extra_files=extra_files,
+            path = ckpt.save_checkpoint(run, step, whole, tstate, extra_files=extra_files,
                                         mtp_items=list(mtp_hf_items(mtp, model)) if mtp is not None else None)
             ckpt.prune_checkpoints(run, tcfg.keep_checkpoints)
         ctx.barrier()
@@ -317,6 +329,11 @@ def train(tcfg: TrainConfig) -> dict:
     end = tcfg.max_steps if not tcfg.stop_after else min(tcfg.max_steps, tcfg.stop_after)
     bar = tqdm(total=tcfg.max_steps, initial=start, unit="step", dynamic_ncols=True, smoothing=0.1,
                disable=not (tcfg.progress and ctx.is_main))
+
+    def say(msg: str) -> None:
+        if ctx.is_main:
+            bar.write(msg, file=sys.stderr)
+
     summary = {"start_step": start, "interrupted": None, "val_loss": None, "checkpoint": None}
     last_loss, last_saved, tok_rate = None, start, None
     t_start = time.perf_counter()
@@ -328,7 +345,7 @@ def train(tcfg: TrainConfig) -> dict:
                 batches = [tuple(t.to(device, non_blocking=True) for t in next(train_loader))
                            for _ in range(tcfg.grad_accum)]
                 m = train_step(wrapped, batches, optimizer, tcfg, step=step, mtp=mtp,
-                               autocast_dtype=autocast_dtype, all_reduce_mean=reduce)
+                               autocast_dtype=autocast_dtype, all_reduce_mean=reduce, clip_grad_norm=clip)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 dt = time.perf_counter() - t0
@@ -356,13 +373,13 @@ def train(tcfg: TrainConfig) -> dict:
                     summary["val_loss"] = validate()
                     log({"kind": "val", "step": step, "val_loss": summary["val_loss"], "tokens": tokens_seen,
                          "flops": flops_done})
-                    bar.write(f"step {step}: val loss {summary['val_loss']:.4f}")
+                    say(f"step {step}: val loss {summary['val_loss']:.4f}")
                 if signals.caught or step == end or (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0):
                     summary["checkpoint"] = str(save(step))
                     last_saved = step
                 if signals.caught:
                     summary["interrupted"] = signals.caught
-                    bar.write(f"{signals.caught}: saved step {step} to {summary['checkpoint']}; "
+                    say(f"{signals.caught}: saved step {step} to {summary['checkpoint']}; "
                               f"continue with --resume")
                     break
     except NonFiniteLoss as e:

@@ -25,7 +25,7 @@ from nanoseek.train.schedule import lr_at
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf; `step` is the optimizer step at which it happened."""
+    """The loss became NaN or inf; `step` is the 1-based step (as in metrics and checkpoints) it happened at."""
 
     def __init__(self, step: int, value: float, part: str):
         super().__init__(f"{part} loss is {value} at step {step}; stopped before the update "
@@ -116,11 +116,13 @@ def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tcfg, *, mt
 
 def train_step(model: nn.Module, batches, optimizer: torch.optim.Optimizer, tcfg, *, step: int,
                mtp: nn.Module | None = None, autocast_dtype: torch.dtype | None = None,
-               all_reduce_mean=None) -> dict:
+               all_reduce_mean=None, clip_grad_norm=None) -> dict:
     """One optimizer update over the micro-batches `batches` [(x, y), ...]; returns the step's metrics.
 
     all_reduce_mean(tensor) -> tensor: averages over ranks (the MTP gradients, which no DDP wrapper
-    sees, and the V3 expert load); None in one process."""
+    sees, and the V3 expert load); None in one process. clip_grad_norm(max_norm) -> norm: a
+    replacement for torch's clipping over the optimizer's parameters (expert parallel needs the
+    norm over every rank's expert slice: nanoseek.train.distributed.clip_grad_norm)."""
     lr = lr_at(step, tcfg.schedule, max_lr=tcfg.lr, warmup=tcfg.warmup_steps, total=tcfg.max_steps,
                min_ratio=tcfg.min_lr_ratio, decay_fraction=tcfg.decay_fraction)
     for g in optimizer.param_groups:
@@ -136,7 +138,7 @@ def train_step(model: nn.Module, batches, optimizer: torch.optim.Optimizer, tcfg
             loss, parts, stats = compute_loss(model, x, y, tcfg, mtp=mtp, autocast_dtype=autocast_dtype)
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise NonFiniteLoss(step, value, "training")
+                raise NonFiniteLoss(step + 1, value, "training")
             (loss / n).backward()
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v / n
@@ -149,9 +151,12 @@ def train_step(model: nn.Module, batches, optimizer: torch.optim.Optimizer, tcfg
             if p.grad is not None:
                 p.grad.copy_(all_reduce_mean(p.grad))
     max_norm = tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if clip_grad_norm is not None:
+        grad_norm = float(clip_grad_norm(max_norm))
+    else:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     if not math.isfinite(grad_norm):
-        raise NonFiniteLoss(step, grad_norm, "gradient-norm")
+        raise NonFiniteLoss(step + 1, grad_norm, "gradient-norm")
     optimizer.step()
     metrics = {"step": step + 1, "loss": sums.get("ce", 0.0), "lr": lr, "grad_norm": grad_norm,
                "tokens": tokens, **{k: v for k, v in sums.items() if k != "ce"}}
