@@ -16,6 +16,7 @@ import os
 import sys
 
 COMMAND_MODULES = [
+    "nanoseek.engine.cli",
     "nanoseek.data.cli",
     "nanoseek.serve.keys_cli",
     "nanoseek.info",

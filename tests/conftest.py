@@ -48,3 +48,29 @@ TINY = {"v2": tiny_v2, "v2_grouped": tiny_v2_grouped, "v3": tiny_v3, "llama": ti
 @pytest.fixture(params=sorted(TINY))
 def tiny_cfg(request) -> ModelConfig:
     return TINY[request.param]()
+
+
+CORPUS = ["def add(a, b):\n    return a + b\n", "class Point:\n    x: int = 0\n",
+          "こんにちは世界 — 你好，世界! 🙂", "The quick brown fox jumps over the lazy dog."] * 40
+
+
+def make_model_dir(path, make_cfg=tiny_v2, vocab_size: int = 300, seed: int = 5):
+    """A model folder as users have them: config.json + model.safetensors + tokenizer files."""
+    import os
+
+    from nanoseek.data.tokenizer import train_tokenizer
+    from nanoseek.model.checkpoint import save_model
+    from nanoseek.model.transformer import build_model
+
+    tok_dir = f"{path}.tokenizer"
+    tok = train_tokenizer(CORPUS, vocab_size=vocab_size, out_dir=tok_dir)
+    cfg = make_cfg(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
+    files = {f: os.path.join(tok_dir, f) for f in os.listdir(tok_dir)}
+    save_model(build_model(cfg, seed=seed), path, extra_files=files)
+    return path, tok
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A tiny V2 model folder with its tokenizer."""
+    return make_model_dir(tmp_path / "model")

@@ -7,7 +7,7 @@ table: token position p of a sequence lives in slot block_table[p // block_size]
 + p % block_size of every layer's pool.
 
     cache = PagedKVCache(cfg, num_blocks=256, block_size=64)
-    view = cache.batch(rows)   # rows: [(block_table, start, num_new)], one per model row
+    view = cache.batch(rows, packed)   # rows: [(block_table, start, num_new)], one per model row
     logits = model(ids, positions=view.positions, mask=view.mask, cache=view, ...)
 """
 
@@ -47,12 +47,11 @@ class PagedKVCache:
         return sum(p.numel() * p.element_size() for p in self.pools)
 
     def batch(self, rows: list[tuple[list[int], int, int]], packed: bool) -> "BatchView":
-        """Slots and masks for one forward.
+        """Slots, positions and mask for one forward.
 
-        rows: (block_table, start, num_new) per sequence: num_new tokens at positions start...
-        packed=False: one model row per sequence, all with num_new == 1 (decode), keys padded.
-        packed=True: every sequence's new tokens in one model row, keys concatenated, a
-        block-diagonal causal mask keeps sequences apart.
+        rows: (block_table, start, num_new) per model row: num_new tokens at positions start...
+        packed=True: one sequence, any number of new tokens (causal; None mask when start == 0).
+        packed=False: one new token per row (decode), keys padded to the longest row.
         """
         bs, dev = self.block_size, self.device
 
@@ -60,28 +59,22 @@ class PagedKVCache:
             p = torch.arange(lo, hi)
             return torch.tensor(table, dtype=torch.long)[p // bs] * bs + p % bs
 
-        write = torch.cat([slots(t, s, s + n) for t, s, n in rows])  # [sum num_new]
-        if not packed:
+        if packed:
+            assert len(rows) == 1, "the packed layout holds one sequence"
+            table, s, n = rows[0]
+            write, read = slots(table, s, s + n), slots(table, 0, s + n)[None]  # [T], [1, S]
+            positions = torch.arange(s, s + n)[None]
+            mask = None if s == 0 else torch.ones(n, s + n, dtype=torch.bool).tril(s)[None]  # [1, T, S]
+        else:
             assert all(n == 1 for _, _, n in rows), "the padded layout is for one new token per row"
-            S = max(s + n for _, s, n in rows)
+            S = max(s + 1 for _, s, _ in rows)
             read = torch.zeros(len(rows), S, dtype=torch.long)
             mask = torch.zeros(len(rows), 1, S, dtype=torch.bool)
-            for i, (t, s, n) in enumerate(rows):
-                read[i, : s + n] = slots(t, 0, s + n)
-                mask[i, 0, : s + n] = True
+            for i, (table, s, _) in enumerate(rows):
+                read[i, : s + 1] = slots(table, 0, s + 1)
+                mask[i, 0, : s + 1] = True
+            write = torch.cat([slots(t, s, s + 1) for t, s, _ in rows])
             positions = torch.tensor([[s] for _, s, _ in rows])
-        else:
-            read = torch.cat([slots(t, 0, s + n) for t, s, n in rows])[None]  # [1, S_total]
-            T, S = sum(n for _, _, n in rows), read.shape[1]
-            positions = torch.cat([torch.arange(s, s + n) for _, s, n in rows])[None]  # [1, T]
-            if len(rows) == 1 and rows[0][1] == 0:
-                mask = None  # a whole prompt from position 0: plain causal attention
-            else:
-                mask = torch.zeros(1, T, S, dtype=torch.bool)
-                q0 = k0 = 0
-                for t, s, n in rows:
-                    mask[0, q0:q0 + n, k0:k0 + s + n] = torch.ones(n, s + n, dtype=torch.bool).tril(s)
-                    q0, k0 = q0 + n, k0 + s + n
         return BatchView(self, write.to(dev), read.to(dev), positions.to(dev),
                          None if mask is None else mask.to(dev))
 

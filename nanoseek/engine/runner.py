@@ -3,12 +3,11 @@
     runner = ModelRunner(model, cache, disk=None)
     sampled = runner.execute(sched_out, params_of, generators_of)   # {seq_id: SampleResult}
 
-Two batch layouts, chosen per step:
-- every sequence decodes one token: one model row per sequence, keys padded to the longest (absorbed
-  MLA over the latent, so only the L+R-wide cache is read);
-- otherwise (prefill chunks, possibly with decodes): all new tokens packed into one row, the keys
-  of each sequence side by side, a block-diagonal causal mask; a lone prompt from position 0 uses
-  plain causal attention.
+Each step runs in at most a few forwards:
+- all sequences that decode one token together, one model row each, keys padded to the longest
+  (absorbed MLA over the latent, so only the L+R-wide cache is read);
+- each prompt chunk on its own row: a whole prompt from position 0 is plain causal attention (the
+  fused SDPA kernels), a chunk after cached tokens has an explicit [T, S] mask.
 """
 
 from __future__ import annotations
@@ -52,26 +51,33 @@ class ModelRunner:
         return sampled
 
     def _run(self, out, params_of, generator_of) -> dict[Hashable, SampleResult]:
-        items = out.scheduled
-        packed = any(s.num_new_tokens > 1 for s in items)
+        """Decoding sequences go through the model together; each prompt chunk on its own (its
+        attention stays causal over its own keys, and the weights are read once per chunk anyway)."""
+        decodes = [s for s in out.scheduled if s.num_new_tokens == 1 and s.start > 0]
+        groups = [[s] for s in out.scheduled if not (s.num_new_tokens == 1 and s.start > 0)]
+        if decodes:
+            groups.append(decodes)
+        results: dict[Hashable, SampleResult] = {}
+        for items in groups:
+            logits, seqs = self._forward(items)
+            if seqs:
+                results.update(self._sample(logits, seqs, params_of, generator_of))
+        return results
+
+    def _forward(self, items) -> tuple[torch.Tensor | None, list]:
+        packed = len(items) == 1  # one sequence, any number of new tokens; else one token per row
         view = self.cache.batch([(s.seq.block_table, s.start, s.num_new_tokens) for s in items], packed)
-        ids = [t for s in items for t in s.token_ids]
-        if packed:
-            input_ids = torch.tensor([ids], device=self.device)  # [1, T_total]
-            ends = torch.tensor([s.num_new_tokens for s in items]).cumsum(0) - 1
-        else:
-            input_ids = torch.tensor(ids, device=self.device)[:, None]  # [B, 1]
-            ends = torch.arange(len(items))
+        ids = torch.tensor([t for s in items for t in s.token_ids], device=self.device)
+        input_ids = ids[None] if packed else ids[:, None]  # [1, T] or [B, 1]
+        ends = torch.tensor([items[0].num_new_tokens - 1]) if packed else torch.arange(len(items))
         rows = [i for i, s in enumerate(items) if s.needs_sample and not s.seq.is_finished]
-        if not rows:
-            self.model(input_ids, positions=view.positions, mask=view.mask, cache=view,
-                       logits_index=ends[:1].to(self.device))
-            return {}
         cfg = self.model.config
-        absorb = cfg.is_mla and prefer_absorbed(cfg, max(s.num_new_tokens for s in items))
+        absorb = cfg.is_mla and prefer_absorbed(cfg, input_ids.shape[1])
         logits = self.model(input_ids, positions=view.positions, mask=view.mask, cache=view, absorb=absorb,
-                            logits_index=ends[rows].to(self.device))  # [n, V]
-        seqs = [items[i].seq for i in rows]
+                            logits_index=ends[rows or [0]].to(self.device))  # [n, V]
+        return logits, [items[i].seq for i in rows]
+
+    def _sample(self, logits, seqs, params_of, generator_of) -> dict[Hashable, SampleResult]:
         params = [params_of(s.seq_id) for s in seqs]
         res = sample(logits.float().cpu(), params, [s.prompt_token_ids for s in seqs],
                      [s.output_token_ids for s in seqs], [generator_of(s.seq_id) for s in seqs],

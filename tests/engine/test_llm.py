@@ -1,14 +1,11 @@
 """The engine against full recompute: batching, prefix and disk hits, preemption, sampling, bad input."""
 
-import os
-
 import pytest
 import torch
 
 from nanoseek.engine.llm import LLM, LLMEngine
 from nanoseek.engine.sampling import SamplingParams, SamplingParamsError
 from nanoseek.engine.scheduler import RequestRejected
-from nanoseek.model.checkpoint import save_model
 from nanoseek.model.transformer import build_model
 from tests.conftest import tiny_llama, tiny_v2, tiny_v3
 
@@ -177,21 +174,27 @@ def test_abort_frees_blocks():
     assert engine.block_manager.num_free_blocks == 16
 
 
-def test_llm_generate_from_a_folder_with_text_and_stop_strings(tmp_path):
-    from nanoseek.data.tokenizer import train_tokenizer
-
-    corpus = ["def add(a, b):\n    return a + b\n", "こんにちは世界 — 你好，世界! 🙂"] * 50
-    tok = train_tokenizer(corpus, vocab_size=300, out_dir=tmp_path / "m")
-    cfg = tiny_v2(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
-    save_model(build_model(cfg, seed=5), tmp_path / "m",
-               extra_files={f: tmp_path / "m" / f for f in os.listdir(tmp_path / "m") if f.startswith("tokenizer")})
-    llm = LLM(str(tmp_path / "m"), block_size=4, num_blocks=64)
+def test_llm_generate_from_a_folder_with_text_and_stop_strings(model_dir):
+    folder, tok = model_dir
+    llm = LLM(str(folder), block_size=4, num_blocks=64)
     full = llm.generate("def add(", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
                         use_tqdm=False)[0].outputs[0]
     assert full.text == tok.decode(full.token_ids, skip_special_tokens=True)
-    if len(full.text) > 3:  # stop at a string that appears in the greedy continuation
-        stop = full.text[2:4]
-        cut = llm.generate(["def add("], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]),
-                           use_tqdm=False)[0].outputs[0]
-        assert cut.finish_reason == "stop" and stop not in cut.text
-        assert full.text.startswith(cut.text)
+    assert len(full.text) > 3
+    stop = full.text[2:4]  # a string the greedy continuation contains
+    cut = llm.generate(["def add("], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]),
+                       use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text
+    assert full.text.startswith(cut.text)
+
+
+def test_generate_cli_streams_text(model_dir):
+    import subprocess
+    import sys
+
+    folder, _ = model_dir
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "generate", "--model", str(folder), "--prompt", "def add(",
+                        "--max-tokens", "6"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("def add(")
+    assert "finish_reason=" in r.stderr
