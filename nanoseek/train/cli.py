@@ -39,9 +39,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     summary = train(from_args(args))
     val = summary["val_loss"]
-    print(f"step {summary['step']}: train loss {summary['loss']:.4f}"
-          + (f", val loss {val:.4f}" if val is not None else "")
-          + (f"; checkpoint {summary['checkpoint']}" if summary["checkpoint"] else ""), file=sys.stderr)
+    if summary["is_main"]:
+        print(f"step {summary['step']}: train loss {summary['loss']:.4f}"
+              + (f", val loss {val:.4f}" if val is not None else "")
+              + (f"; checkpoint {summary['checkpoint']}" if summary["checkpoint"] else ""), file=sys.stderr)
     if summary["interrupted"]:
         return 130 if summary["interrupted"] == "SIGINT" else 143
     return 0

@@ -390,6 +390,6 @@ def train(tcfg: TrainConfig) -> dict:
         bar.close()
         if metrics_file is not None:
             metrics_file.close()
-    summary.update(step=step, loss=last_loss, tokens=tokens_seen, flops=flops_done,
+    summary.update(is_main=ctx.is_main, step=step, loss=last_loss, tokens=tokens_seen, flops=flops_done,
                    tokens_per_s=tok_rate, last_saved=last_saved, run=str(run))
     return summary

@@ -145,6 +145,10 @@ def train_step(model: nn.Module, batches, optimizer: torch.optim.Optimizer, tcfg
         step_loads = [balance.expert_load(s) for s in stats]
         loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
         tokens += y.numel()
+    if all_reduce_mean is not None and sums:  # log the global batch's losses, not this rank's
+        keys = sorted(sums)
+        avg = all_reduce_mean(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=x.device))
+        sums = dict(zip(keys, avg.tolist()))
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if all_reduce_mean is not None and mtp is not None:
         for p in mtp.parameters():

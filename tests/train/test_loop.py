@@ -230,3 +230,22 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "NANOSEEK_DEBUG": ""})
     assert r.returncode == 2
     assert "nanoseek train: error:" in r.stderr and "nodata" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["dp", "ep"])
+def test_torchrun_through_nanoseek_train_matches_one_process(tmp_path, data, mode):
+    """`torchrun -m nanoseek train` on 2 CPU ranks with half the batch each logs the single-process losses."""
+    common = ["--seq-len", "32", "--max-steps", "4", "--eval-every", "2", "--checkpoint-every", "0",
+              "--schedule", "constant"]
+    one = subprocess.run(_cli(tmp_path, data, tmp_path / "one", *common), capture_output=True, cwd=ROOT)
+    assert one.returncode == 0, one.stderr.decode()[-2000:]
+    cmd = _cli(tmp_path, data, tmp_path / "two", *common, "--batch-size", "2")
+    cmd[1:4] = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "nanoseek", "train"]
+    if mode == "ep":
+        cmd.append("--expert-parallel")
+    two = subprocess.run(cmd, capture_output=True, cwd=ROOT, timeout=300)
+    assert two.returncode == 0, two.stderr.decode()[-2000:]
+    want, got = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert list(got) == list(want) == [1, 2, 3, 4]
+    assert all(abs(got[s] - want[s]) < 1e-5 for s in want), (want, got)
