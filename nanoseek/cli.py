@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "nanoseek.engine.cli",
     "nanoseek.data.cli",
     "nanoseek.serve.keys_cli",
+    "nanoseek.serve.cli",
     "nanoseek.info",
     "nanoseek.train.cli",
     "nanoseek.train.compare_cli",

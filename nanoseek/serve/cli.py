@@ -1,0 +1,230 @@
+"""`nanoseek serve`, `nanoseek price calibrate` and `nanoseek run` (what `make run` calls).
+
+    nanoseek price calibrate --model runs/default --hardware-cost-per-hour 0.05 [--margin 0.10]
+    nanoseek serve --model runs/default [--host 127.0.0.1] [--port 8000] [--db URL] [--cache-dir DIR]
+    nanoseek run                  # data and model if missing, prices, a demo key, then serve
+
+--model takes a model folder (config.json + weights + tokenizer.json) or a training run folder,
+whose latest checkpoint is served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_PRICES = "runs/prices.json"
+DEFAULT_HARDWARE_COST = "0.05"   # USD/hour: about what a small 2-core cloud VM costs
+DEMO_KEY_FILE = "runs/demo_key.txt"
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A model folder, or the latest checkpoint of a training run folder."""
+    from nanoseek.train.checkpoint import latest_checkpoint
+
+    folder = Path(path)
+    if (folder / "config.json").is_file():
+        return folder
+    found = latest_checkpoint(folder) if folder.is_dir() else None
+    if found is None:
+        raise FileNotFoundError(f"--model {folder}: neither a model folder (config.json) nor a training run "
+                                "with checkpoints; train one with `nanoseek train` or `make run`")
+    return found[1]
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", required=True, metavar="DIR", help="model folder or training run folder")
+    g.add_argument("--block-size", type=int, default=16, help="KV cache block size in tokens (default 16)")
+    g.add_argument("--max-num-seqs", type=int, default=16, help="sequences per batch (default 16)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (default 2048)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context (default: the model's)")
+    g.add_argument("--prices", default=DEFAULT_PRICES, help=f"price sheet (default {DEFAULT_PRICES})")
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    g.add_argument("--db", default=None, metavar="URL",
+                   help="accounts database: sqlite:///FILE or postgresql+psycopg://... "
+                        "(default: $NANOSEEK_DB or sqlite:///runs/nanoseek.db)")
+    g.add_argument("--cache-dir", default=None, help="on-disk context cache folder (default: none)")
+    g.add_argument("--model-name", default="", help="the model id clients send (default: the folder's name)")
+    lim = p.add_argument_group("limits (per key; 0 = unlimited)")
+    lim.add_argument("--rpm", type=float, default=600, help="requests per minute (default 600)")
+    lim.add_argument("--tpm", type=float, default=1_000_000, help="tokens per minute (default 1e6)")
+    lim.add_argument("--max-concurrent", type=int, default=16, help="requests in flight (default 16)")
+    lim.add_argument("--max-queue", type=int, default=256, help="requests in flight, all keys (default 256)")
+
+
+def register(subparsers) -> None:
+    from .keys_cli import price_commands
+
+    p = subparsers.add_parser("serve", help="the OpenAI/DeepSeek-compatible HTTP API",
+                              description="Serve a model over HTTP with keys, balances, limits and "
+                                          "cost-plus prices.")
+    _engine_args(p)
+    _serve_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    c = price_commands(subparsers).add_parser(
+        "calibrate", help="measure this machine's throughput and derive the prices from it",
+        description="Measures prefill, cached-prefix and decode throughput at the engine's batch sizes, "
+                    "then prices = cost x (1 + margin), saved to --prices.")
+    _engine_args(c)
+    c.add_argument("--hardware-cost-per-hour", required=True, help="what this machine costs per hour")
+    c.add_argument("--margin", default="0.10", help="price = cost x (1 + margin) (default 0.10)")
+    c.add_argument("--currency", default="USD")
+    c.add_argument("--prompt-len", type=int, default=None, help="prompt tokens per request (default 512)")
+    c.add_argument("--decode-tokens", type=int, default=32, help="output tokens per request (default 32)")
+    c.set_defaults(func=cmd_calibrate)
+
+    r = subparsers.add_parser("run", help="`make run`: data, model, prices and a demo key if missing, "
+                                          "then serve on 127.0.0.1:8000")
+    r.add_argument("--data", default="runs/data", help="data folder (default runs/data)")
+    r.add_argument("--run-dir", default="runs/default", help="training run folder (default runs/default)")
+    r.add_argument("--model-config", default="configs/default.json")
+    r.add_argument("--max-steps", type=int, default=None, help="training steps (default: the trainer's)")
+    r.add_argument("--hardware-cost-per-hour", default=DEFAULT_HARDWARE_COST,
+                   help=f"for the price calibration (default {DEFAULT_HARDWARE_COST})")
+    r.add_argument("--demo-balance", default="10", help="balance of the demo key (default 10)")
+    r.add_argument("--prices", default=DEFAULT_PRICES)
+    r.add_argument("--no-serve", action="store_true", help="prepare everything, print the key, do not serve")
+    _serve_args(r)
+    r.set_defaults(func=cmd_run)
+
+
+def _load_engine(args, model_dir: Path):
+    from nanoseek.data.tokenizer import load_tokenizer
+    from nanoseek.engine.llm import LLMEngine
+    from nanoseek.model.checkpoint import load_model
+
+    tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+    return LLMEngine(load_model(str(model_dir)), tokenizer, block_size=args.block_size,
+                     max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                     max_model_len=args.max_model_len)
+
+
+def calibrate(args, model_dir: Path):
+    from .calibrate import measure_throughput
+    from .pricing import Throughput, derive_price_sheet
+
+    # bad money arguments fail before minutes of measuring, not after
+    derive_price_sheet(Throughput(1, 1, 1), args.hardware_cost_per_hour, args.margin)
+    engine = _load_engine(args, model_dir)
+    t = measure_throughput(engine, prompt_len=args.prompt_len, decode_tokens=args.decode_tokens)
+    sheet = derive_price_sheet(t, args.hardware_cost_per_hour, args.margin, currency=args.currency,
+                               model=model_dir.name,
+                               notes=f"measured by `nanoseek price calibrate` on {os.cpu_count()} CPUs"
+                                     + (" + CUDA" if next(engine.model.parameters()).is_cuda else ""))
+    sheet.save(args.prices)
+    return sheet
+
+
+def cmd_calibrate(args) -> int:
+    from .keys_cli import _print_sheet
+
+    sheet = calibrate(args, resolve_model_dir(args.model))
+    _print_sheet(sheet)
+    print(f"saved {args.prices}")
+    return 0
+
+
+def _serve_config(args, model_dir: Path, name: str):
+    from .app import ServeConfig
+
+    def lim(v):
+        return v or None
+
+    return ServeConfig(model_dir=str(model_dir), model_name=args.model_name or name, db=args.db or "",
+                       prices=args.prices, cache_dir=args.cache_dir,
+                       block_size=getattr(args, "block_size", 16), max_num_seqs=getattr(args, "max_num_seqs", 16),
+                       max_num_batched_tokens=getattr(args, "max_num_batched_tokens", 2048),
+                       max_model_len=getattr(args, "max_model_len", None), requests_per_minute=lim(args.rpm),
+                       tokens_per_minute=lim(args.tpm), max_concurrent=lim(args.max_concurrent),
+                       max_queue=lim(args.max_queue))
+
+
+def serve(config, host: str, port: int) -> None:
+    import uvicorn
+
+    from .app import build_app
+
+    app = build_app(config)
+    print(f"serving {app.state.serve.model_name} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def cmd_serve(args) -> int:
+    name = Path(args.model).resolve().name  # a run folder's name, not its checkpoint's step_NNN
+    serve(_serve_config(args, resolve_model_dir(args.model), name), args.host, args.port)
+    return 0
+
+
+# ---------------------------------------------------------------------------- make run
+def demo_key(db_url: str, balance: str, key_file: str = DEMO_KEY_FILE) -> tuple[str, bool]:
+    """The demo key's secret (created on first use, kept in key_file, mode 600) and whether it is new."""
+    from .accounts import Accounts
+
+    acc = Accounts(db_url)
+    try:
+        path = Path(key_file)
+        if path.is_file():
+            secret = path.read_text().strip()
+            if acc.authenticate(secret) is not None:
+                return secret, False
+        names = {k.name for k in acc.list_keys()}
+        name = next(n for n in ["demo"] + [f"demo-{i}" for i in range(2, 10_000)] if n not in names)
+        _, secret = acc.create_key(name, balance, note="make run demo key")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(secret + "\n")
+        tmp.chmod(0o600)
+        os.replace(tmp, path)
+        return secret, True
+    finally:
+        acc.close()
+
+
+def cmd_run(args) -> int:
+    from nanoseek.data.prepare import ensure_prepared
+    from nanoseek.train.checkpoint import latest_checkpoint
+
+    from .app import DEFAULT_DB_URL
+
+    say = lambda msg: print(f"[nanoseek run] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    say(f"data: {args.data}")
+    ensure_prepared(args.data)
+    if latest_checkpoint(args.run_dir) is None:
+        from nanoseek.train.config import TrainConfig
+        from nanoseek.train.loop import train
+
+        resume = (Path(args.run_dir) / "train_config.json").is_file()
+        say(f"training {args.model_config} into {args.run_dir}" + (" (resuming)" if resume else ""))
+        kw = {} if args.max_steps is None else {"max_steps": args.max_steps}
+        summary = train(TrainConfig(model_config=args.model_config, data=args.data, out=args.run_dir,
+                                    resume=resume, **kw))
+        if summary.get("interrupted"):
+            say(f"training stopped by {summary['interrupted']}; `make run` again resumes it")
+            return 130
+    model_dir = resolve_model_dir(args.run_dir)
+    say(f"model: {model_dir}")
+    engine_defaults = dict(block_size=16, max_num_seqs=16, max_num_batched_tokens=2048, max_model_len=None)
+    for k, v in engine_defaults.items():
+        setattr(args, k, v)
+    if not Path(args.prices).is_file():
+        say(f"pricing: measuring this machine at {args.hardware_cost_per_hour} USD/hour")
+        args.margin, args.currency, args.prompt_len, args.decode_tokens = "0.10", "USD", 256, 32
+        calibrate(args, model_dir)
+    db = args.db or os.environ.get("NANOSEEK_DB") or DEFAULT_DB_URL
+    secret, new = demo_key(db, args.demo_balance)
+    say(("created" if new else "reusing") + f" the demo key (kept in {DEMO_KEY_FILE}):")
+    print(secret, flush=True)
+    print(f"export OPENAI_BASE_URL=http://{args.host}:{args.port}/v1 OPENAI_API_KEY={secret}", flush=True)
+    if args.no_serve:
+        return 0
+    serve(_serve_config(args, model_dir, Path(args.run_dir).resolve().name), args.host, args.port)
+    return 0
