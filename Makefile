@@ -26,8 +26,9 @@ test-slow: $(STAMP)
 test-pg: $(STAMP)
 	.ci/with-postgres $(PYTHON) -m pytest tests/serve
 
+# prepare runs/data and train runs/default if missing, calibrate prices, print a demo key, serve on :8000
 run: $(STAMP)
-	$(BIN)/nanoseek info configs/deepseek-v2.json configs/deepseek-v2-lite.json configs/deepseek-v3.json configs/bench-v2-small.json
+	$(BIN)/nanoseek run
 
 bench: $(STAMP)
 	$(PYTHON) bench/forward.py

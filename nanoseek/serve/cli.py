@@ -92,6 +92,7 @@ def register(subparsers) -> None:
                    help=f"for the price calibration (default {DEFAULT_HARDWARE_COST})")
     r.add_argument("--demo-balance", default="10", help="balance of the demo key (default 10)")
     r.add_argument("--prices", default=DEFAULT_PRICES)
+    r.add_argument("--demo-key-file", default=DEMO_KEY_FILE, help=f"where the demo key is kept ({DEMO_KEY_FILE})")
     r.add_argument("--no-serve", action="store_true", help="prepare everything, print the key, do not serve")
     _serve_args(r)
     r.set_defaults(func=cmd_run)
@@ -204,7 +205,8 @@ def cmd_run(args) -> int:
 
         resume = (Path(args.run_dir) / "train_config.json").is_file()
         say(f"training {args.model_config} into {args.run_dir}" + (" (resuming)" if resume else ""))
-        kw = {} if args.max_steps is None else {"max_steps": args.max_steps}
+        kw = {} if args.max_steps is None else {"max_steps": args.max_steps,
+                                                "warmup_steps": min(100, args.max_steps)}
         summary = train(TrainConfig(model_config=args.model_config, data=args.data, out=args.run_dir,
                                     resume=resume, **kw))
         if summary.get("interrupted"):
@@ -220,8 +222,8 @@ def cmd_run(args) -> int:
         args.margin, args.currency, args.prompt_len, args.decode_tokens = "0.10", "USD", 256, 32
         calibrate(args, model_dir)
     db = args.db or os.environ.get("NANOSEEK_DB") or DEFAULT_DB_URL
-    secret, new = demo_key(db, args.demo_balance)
-    say(("created" if new else "reusing") + f" the demo key (kept in {DEMO_KEY_FILE}):")
+    secret, new = demo_key(db, args.demo_balance, args.demo_key_file)
+    say(("created" if new else "reusing") + f" the demo key (kept in {args.demo_key_file}):")
     print(secret, flush=True)
     print(f"export OPENAI_BASE_URL=http://{args.host}:{args.port}/v1 OPENAI_API_KEY={secret}", flush=True)
     if args.no_serve:
