@@ -19,10 +19,8 @@ import asyncio
 import contextlib
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -55,7 +53,6 @@ class ServeConfig:
     default_max_tokens: int = 512        # when a request names no max_tokens (bounds its hold)
     keepalive_s: float = 5.0             # SSE comment while a streamed request waits
     stale_hold_age_s: float = 0.0        # holds older than this are released at start (0: all)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def limits(self) -> KeyLimits:
         return KeyLimits(self.requests_per_minute, self.tokens_per_minute, self.max_concurrent)

@@ -310,20 +310,24 @@ def test_disconnect_mid_stream_stops_generation_frees_blocks_and_bills_what_was_
     assert live.state.accounts.get_key(key.id).held == 0 and live.state.limiter.in_flight == 0
 
 
-def test_a_queued_stream_gets_keepalives_and_a_disconnect_before_any_token_costs_nothing(live, funded):
+def test_a_queued_stream_gets_keepalives_a_full_queue_503_and_a_disconnect_before_any_token_costs_nothing(live, funded):
     key, secret = funded
     body = {"model": MODEL, "messages": [{"role": "user", "content": "wait"}], "max_tokens": 5, "stream": True}
+    live.state.limiter.max_queue = 1
     live.state.engine.engine_lock.acquire()  # the request waits: the engine cannot take it
     try:
         with httpx.Client(timeout=60) as http:
             with http.stream("POST", live.url + "/v1/chat/completions", json=body,
                              headers={"Authorization": f"Bearer {secret}"}) as resp:
                 rid = resp.headers["x-request-id"]
-                seen = []
-                for line in resp.iter_lines():
-                    seen.append(line)
-                    if seen.count(": keep-alive") >= 2:
-                        break
+                seen, lines = [], resp.iter_lines()  # held: a dropped iterator closes the connection
+                while seen.count(": keep-alive") < 2:
+                    seen.append(next(lines))
+                # the queue (max_queue=1) is full while this request waits: the next one gets 503
+                with pytest.raises(openai.InternalServerError) as e:
+                    chat(live.client(secret), max_tokens=2)
+                assert e.value.status_code == 503 and "at capacity" in e.value.message
+                assert int(e.value.response.headers["retry-after"]) >= 1
         assert '"role":"assistant"' in seen[0]
         wait_until(lambda: live.state.limiter.in_flight == 0, "the abandoned request to be released")
     finally:
