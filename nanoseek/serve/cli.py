@@ -109,7 +109,7 @@ def _load_engine(args, model_dir: Path):
                      max_model_len=args.max_model_len)
 
 
-def calibrate(args, model_dir: Path):
+def calibrate(args, model_dir: Path, name: str):
     from .calibrate import measure_throughput
     from .pricing import Throughput, derive_price_sheet
 
@@ -118,7 +118,7 @@ def calibrate(args, model_dir: Path):
     engine = _load_engine(args, model_dir)
     t = measure_throughput(engine, prompt_len=args.prompt_len, decode_tokens=args.decode_tokens)
     sheet = derive_price_sheet(t, args.hardware_cost_per_hour, args.margin, currency=args.currency,
-                               model=model_dir.name,
+                               model=name,
                                notes=f"measured by `nanoseek price calibrate` on {os.cpu_count()} CPUs"
                                      + (" + CUDA" if next(engine.model.parameters()).is_cuda else ""))
     sheet.save(args.prices)
@@ -128,7 +128,7 @@ def calibrate(args, model_dir: Path):
 def cmd_calibrate(args) -> int:
     from .keys_cli import _print_sheet
 
-    sheet = calibrate(args, resolve_model_dir(args.model))
+    sheet = calibrate(args, resolve_model_dir(args.model), Path(args.model).resolve().name)
     _print_sheet(sheet)
     print(f"saved {args.prices}")
     return 0
@@ -220,7 +220,7 @@ def cmd_run(args) -> int:
     if not Path(args.prices).is_file():
         say(f"pricing: measuring this machine at {args.hardware_cost_per_hour} USD/hour")
         args.margin, args.currency, args.prompt_len, args.decode_tokens = "0.10", "USD", 256, 32
-        calibrate(args, model_dir)
+        calibrate(args, model_dir, Path(args.run_dir).resolve().name)
     db = args.db or os.environ.get("NANOSEEK_DB") or DEFAULT_DB_URL
     secret, new = demo_key(db, args.demo_balance, args.demo_key_file)
     say(("created" if new else "reusing") + f" the demo key (kept in {args.demo_key_file}):")
