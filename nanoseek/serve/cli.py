@@ -53,6 +53,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                         "(default: $NANOSEEK_DB or sqlite:///runs/nanoseek.db)")
     g.add_argument("--cache-dir", default=None, help="on-disk context cache folder (default: none)")
     g.add_argument("--model-name", default="", help="the model id clients send (default: the folder's name)")
+    g.add_argument("--stale-hold-age", type=float, default=0.0, metavar="SECONDS",
+                   help="at start, release holds older than this (default 0: all, right for one server; "
+                        "with replicas on one PostgreSQL, longer than the longest request)")
     lim = p.add_argument_group("limits (per key; 0 = unlimited)")
     lim.add_argument("--rpm", type=float, default=600, help="requests per minute (default 600)")
     lim.add_argument("--tpm", type=float, default=1_000_000, help="tokens per minute (default 1e6)")
@@ -146,7 +149,7 @@ def _serve_config(args, model_dir: Path, name: str):
                        max_num_batched_tokens=getattr(args, "max_num_batched_tokens", 2048),
                        max_model_len=getattr(args, "max_model_len", None), requests_per_minute=lim(args.rpm),
                        tokens_per_minute=lim(args.tpm), max_concurrent=lim(args.max_concurrent),
-                       max_queue=lim(args.max_queue))
+                       max_queue=lim(args.max_queue), stale_hold_age_s=args.stale_hold_age)
 
 
 def serve(config, host: str, port: int) -> None:
