@@ -17,6 +17,7 @@ import asyncio
 import json
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 
 import anyio
@@ -61,6 +62,7 @@ class Job:
     cached: int = 0
     arrival: float = field(default_factory=time.monotonic)
     first_token: float | None = None
+    closed: bool = False          # settled or released, and its permit given back
 
     def __post_init__(self) -> None:
         self.texts = [""] * self.n
@@ -224,6 +226,9 @@ async def close_job(state: ServeState, job: Job, route: str, status: int = 200) 
     cancelled request still pays exactly for what it produced."""
     from .accounts import Usage as Billed
 
+    if job.closed:
+        return
+    job.closed = True
     with anyio.CancelScope(shield=True):
         try:
             usage = job.usage()
@@ -315,7 +320,13 @@ def register_generate_routes(app: FastAPI, state: ServeState) -> None:
             return e.response()
         prompt = {"prompt_token_ids": job.prompt_ids}
         if req.stream:
-            return StreamingResponse(stream(req, job, prompt, route), media_type="text/event-stream",
+            events = stream(req, job, prompt, route)
+            # a client gone before the first event leaves the generator unstarted, so its finally
+            # never runs: close the job when the generator is dropped instead
+            loop = asyncio.get_running_loop()
+            weakref.finalize(events, lambda: job.closed or loop.call_soon_threadsafe(
+                lambda: loop.create_task(close_job(state, job, route, 499))))
+            return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Request-Id": job.id})
         status = 200
         try:
