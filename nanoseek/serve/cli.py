@@ -193,6 +193,17 @@ def demo_key(db_url: str, balance: str, key_file: str = DEMO_KEY_FILE) -> tuple[
         acc.close()
 
 
+def _planned_steps(run_dir: str) -> int | None:
+    """max_steps recorded by the trainer in the run folder, if a run was started there."""
+    import json
+
+    path = Path(run_dir) / "train_config.json"
+    try:
+        return int(json.loads(path.read_text())["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def cmd_run(args) -> int:
     from nanoseek.data.prepare import ensure_prepared
     from nanoseek.train.checkpoint import latest_checkpoint
@@ -202,19 +213,26 @@ def cmd_run(args) -> int:
     say = lambda msg: print(f"[nanoseek run] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     say(f"data: {args.data}")
     ensure_prepared(args.data)
-    if latest_checkpoint(args.run_dir) is None:
-        from nanoseek.train.config import TrainConfig
-        from nanoseek.train.loop import train
+    found = latest_checkpoint(args.run_dir)
+    target = args.max_steps or _planned_steps(args.run_dir)
+    if found is None or (target is not None and found[0] < target):
+        from nanoseek.cli import main as nanoseek_main
 
-        resume = (Path(args.run_dir) / "train_config.json").is_file()
-        say(f"training {args.model_config} into {args.run_dir}" + (" (resuming)" if resume else ""))
-        kw = {} if args.max_steps is None else {"max_steps": args.max_steps,
-                                                "warmup_steps": min(100, args.max_steps)}
-        summary = train(TrainConfig(model_config=args.model_config, data=args.data, out=args.run_dir,
-                                    resume=resume, **kw))
-        if summary.get("interrupted"):
-            say(f"training stopped by {summary['interrupted']}; `make run` again resumes it")
-            return 130
+        resume = found is not None  # an interrupted run continues from its last checkpoint
+        say(f"training {args.model_config} into {args.run_dir}"
+            + (f" (resuming at step {found[0]} of {target})" if resume else ""))
+        # through `nanoseek train`, so that a resumed run keeps its saved settings
+        argv = ["train", "--model-config", args.model_config, "--data", args.data, "--out", args.run_dir]
+        if resume:
+            argv.append("--resume")
+        if args.max_steps is not None:
+            argv += ["--max-steps", str(args.max_steps)]
+            if not resume:
+                argv += ["--warmup-steps", str(min(100, args.max_steps))]
+        rc = nanoseek_main(argv)
+        if rc != 0:
+            say(f"training stopped (exit {rc}); `make run` again resumes it")
+            return rc
     model_dir = resolve_model_dir(args.run_dir)
     say(f"model: {model_dir}")
     engine_defaults = dict(block_size=16, max_num_seqs=16, max_num_batched_tokens=2048, max_model_len=None)
