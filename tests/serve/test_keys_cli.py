@@ -89,10 +89,10 @@ def test_price_set_and_show(tmp_path, capsys):
 def test_other_modules_can_add_price_subcommands():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    calibrate = price_commands(sub).add_parser("calibrate")
-    calibrate.add_argument("--model")
-    calibrate.set_defaults(func=lambda args: args.model)
-    args = parser.parse_args(["price", "calibrate", "--model", "m"])
+    example = price_commands(sub).add_parser("example")  # `calibrate` is taken by nanoseek.serve.cli
+    example.add_argument("--model")
+    example.set_defaults(func=lambda args: args.model)
+    args = parser.parse_args(["price", "example", "--model", "m"])
     assert args.func(args) == "m"
     assert parser.parse_args(["price", "show"]).func.__name__ == "cmd_price_show"
 
