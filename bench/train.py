@@ -87,7 +87,7 @@ def main() -> None:
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(theirs.parameters(), tcfg.grad_clip)
         opt_theirs.step()
-        return float(out.loss)
+        return float(out.loss.detach())
 
     first = {"nanoseek": step_ours(), "transformers": step_theirs()}
     for _ in range(args.warmup - 1):

@@ -39,7 +39,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     summary = train(from_args(args))
     val = summary["val_loss"]
-    if summary["is_main"]:
+    if summary["is_main"] and summary["loss"] is None:
+        print(f"{summary['run']} is already at step {summary['step']} (max_steps); nothing to do", file=sys.stderr)
+    elif summary["is_main"]:
         print(f"step {summary['step']}: train loss {summary['loss']:.4f}"
               + (f", val loss {val:.4f}" if val is not None else "")
               + (f"; checkpoint {summary['checkpoint']}" if summary["checkpoint"] else ""), file=sys.stderr)

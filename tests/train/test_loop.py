@@ -209,6 +209,10 @@ def test_resume_errors(tmp_path, data):
     train(cfg)
     with pytest.raises(TrainError, match="already holds checkpoints"):
         train(cfg)
+    before = (Path(cfg.out) / "metrics.jsonl").read_text()
+    done = train(cfg.replace(resume=True))  # a finished run: nothing to do, nothing rewritten
+    assert (done["step"], done["loss"]) == (4, None)
+    assert (Path(cfg.out) / "metrics.jsonl").read_text() == before
     with pytest.raises(TrainError, match="lr: saved 0.003, now 0.1"):
         train(cfg.replace(resume=True, lr=0.1))
     state = ckpt.step_dir(cfg.out, 4) / ckpt.STATE_FILE
