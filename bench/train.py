@@ -7,8 +7,8 @@ One step = forward + backward + AdamW update on one batch. Both models load one 
 checkpoint written by nanoseek (fp32) and train on the same fixed batch with the same optimizer
 settings; nanoseek runs its trainer's `train_step` (cross-entropy + V2 expert-balance loss, fused
 AdamW where torch has it), transformers runs `model(ids, labels=...)` + the same AdamW. After
-`--warmup` untimed steps each, the two alternate in `--rounds` rounds of `--steps` timed steps;
-the median step time gives tokens/s. MFU = tokens/s x training FLOPs per token / the fp32 matmul
+`--warmup` untimed steps each, the two alternate step by step for `--rounds` x `--steps` timed
+steps each (so a busy machine slows both alike); the median step time gives tokens/s. MFU = tokens/s x training FLOPs per token / the fp32 matmul
 rate measured here (2048^3), with training FLOPs = 3 x forward (nanoseek.info's count; causal
 attention over (T+1)/2 keys on average).
 """
@@ -94,12 +94,11 @@ def main() -> None:
         step_ours()
         step_theirs()
     times = {"nanoseek": [], "transformers": []}
-    for _ in range(args.rounds):
+    for _ in range(args.rounds * args.steps):  # one step each in turn: both see the same machine load
         for name, fn in (("transformers", step_theirs), ("nanoseek", step_ours)):
-            for _ in range(args.steps):
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
     peak = matmul_flops()
     tokens = args.batch_size * args.seq_len
     fpt = train_flops_per_token(cfg, args.seq_len)
