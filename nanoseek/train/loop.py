@@ -35,7 +35,8 @@ from nanoseek.model.checkpoint import CheckpointError
 from nanoseek.train import checkpoint as ckpt
 from nanoseek.train.balance import resolve_devices
 from nanoseek.train.config import TrainConfig
-from nanoseek.train.step import NonFiniteLoss, balance_weights, evaluate, make_optimizer, train_step, unwrap
+from nanoseek.train.step import (NonFiniteLoss, autocast_experts, balance_weights, evaluate, make_optimizer,
+                                 train_step, unwrap)
 
 METRICS = "metrics.jsonl"
 
@@ -284,6 +285,8 @@ def train(tcfg: TrainConfig) -> dict:
         wrapped = torch.compile(wrapped)
     use_bf16 = tcfg.autocast == "on" or (tcfg.autocast == "auto" and device.type == "cuda")
     autocast_dtype = torch.bfloat16 if use_bf16 else None
+    if autocast_dtype is not None:
+        autocast_experts(model, mtp, dtype=autocast_dtype)
     flops_per_token = train_flops_per_token(model.config, tcfg.seq_len)
     peak = tcfg.peak_flops or (matmul_flops() if device.type == "cpu" else 0.0)
     extra_files = {"tokenizer.json": data / plan.meta.get("tokenizer", "tokenizer.json")}

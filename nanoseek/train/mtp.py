@@ -1,9 +1,9 @@
 """DeepSeek-V3 multi-token prediction (arXiv:2412.19437, Sec. 2.2): D extra sequential modules.
 
-    mtp = MTPHeads(model_cfg, depth=1).train()
-    hidden = capture_final_hidden(model)            # forward hook on model.model.norm
-    logits, stats = model(x, return_router_stats=True)
-    loss, per_depth, mtp_stats = mtp(model, hidden.pop(), y)    # mean of the D depth losses
+    mtp = MTPHeads(model_cfg, depth=1).init_weights(seed=0).train()
+    with final_hidden(model) as box:                # nanoseek.train.step: hook on model.model.norm
+        logits, stats = model(x, return_router_stats=True)
+    loss, per_depth, mtp_stats = mtp(model, box[-1], y)        # mean of the D depth losses
 
 Module k (1..D) combines the previous depth's hidden state h^{k-1}_i (k=1: the main model's final,
 normed hidden state) with the embedding of token t_{i+k}:
@@ -100,13 +100,6 @@ class MTPHeads(nn.Module):
             losses.append(F.cross_entropy(logits.float().flatten(0, 1), target.flatten()))
         total = torch.stack(losses).mean()
         return total, [float(v.detach()) for v in losses], stats
-
-
-def capture_final_hidden(model: nn.Module) -> list[torch.Tensor]:
-    """Register a hook that appends the output of model.model.norm (the final hidden state) to a list."""
-    box: list[torch.Tensor] = []
-    model.model.norm.register_forward_hook(lambda mod, args, out: box.append(out))
-    return box
 
 
 def mtp_hf_items(mtp: MTPHeads, model: nn.Module):

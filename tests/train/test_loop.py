@@ -253,3 +253,14 @@ def test_torchrun_through_nanoseek_train_matches_one_process(tmp_path, data, mod
     want, got = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert list(got) == list(want) == [1, 2, 3, 4]
     assert all(abs(got[s] - want[s]) < 1e-5 for s in want), (want, got)
+
+
+def test_bf16_autocast_trains_moe_models_and_stays_close_to_fp32(tmp_path, data):
+    first = {}
+    for mode in ("off", "on"):
+        cfg = run_config(tmp_path / mode, tiny_v3(), data, autocast=mode, max_steps=3, mtp_depth=1, eval_every=3,
+                         activation_checkpointing=True)
+        summary = train(cfg)
+        first[mode] = losses(cfg.out)[1]
+        assert summary["val_loss"] is not None and summary["val_loss"] < 10
+    assert first["on"] != first["off"] and abs(first["on"] - first["off"]) < 0.05
