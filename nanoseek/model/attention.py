@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.linear import Linear
 from nanoseek.model.rope import apply_rope
 
 
@@ -77,15 +78,15 @@ class MLA(nn.Module):
         self.Dn, self.Dv = cfg.qk_nope_head_dim, cfg.v_head_dim
         self.scale = cfg.softmax_scale
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(C, H * cfg.qk_head_dim, bias=False)
+            self.q_proj = Linear(C, H * cfg.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(C, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_proj = Linear(C, cfg.q_lora_rank, bias=cfg.attention_bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(C, self.L + self.R, bias=cfg.attention_bias)
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(C, self.L + self.R, bias=cfg.attention_bias)
         self.kv_a_layernorm = RMSNorm(self.L, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(self.L, H * (self.Dn + self.Dv), bias=False)
-        self.o_proj = nn.Linear(H * self.Dv, C, bias=cfg.attention_bias)
+        self.kv_b_proj = Linear(self.L, H * (self.Dn + self.Dv), bias=False)
+        self.o_proj = Linear(H * self.Dv, C, bias=cfg.attention_bias)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.q_lora_rank is None:
@@ -151,10 +152,10 @@ class GQA(nn.Module):
         C, self.H, self.G, self.D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, \
             cfg.attn_head_dim
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(C, self.H * self.D, bias=bias)
-        self.k_proj = nn.Linear(C, self.G * self.D, bias=bias)
-        self.v_proj = nn.Linear(C, self.G * self.D, bias=bias)
-        self.o_proj = nn.Linear(self.H * self.D, C, bias=bias)
+        self.q_proj = Linear(C, self.H * self.D, bias=bias)
+        self.k_proj = Linear(C, self.G * self.D, bias=bias)
+        self.v_proj = Linear(C, self.G * self.D, bias=bias)
+        self.o_proj = Linear(self.H * self.D, C, bias=bias)
         self.scale = cfg.softmax_scale
 
     def forward(self, x: torch.Tensor, a: AttnInputs, layer_idx: int) -> torch.Tensor:

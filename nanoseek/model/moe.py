@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.linear import Linear, linear
 
 
 @dataclass
@@ -82,7 +83,7 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight.float())  # [N, E], fp32 as in the published models
+        logits = linear(x.float(), self.weight.float())  # [N, E], fp32 as in the published models
         bias = None if self.e_score_correction_bias is None else self.e_score_correction_bias.float()
         return route(logits, self.cfg, bias)
 
@@ -92,9 +93,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, inter: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
-        self.up_proj = nn.Linear(hidden, inter, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.gate_proj = Linear(hidden, inter, bias=bias)
+        self.up_proj = Linear(hidden, inter, bias=bias)
+        self.down_proj = Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -130,14 +131,16 @@ class Experts(nn.Module):
             ys = torch._grouped_mm(F.silu(g) * u, self.down_proj.transpose(-2, -1), offs=offs)
         else:
             chunks = []
+            # unbind once: indexing [e] per expert would make backward build E full-size gradients
+            gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
             for e, xe in enumerate(xs.split(counts.tolist())):
                 if xe.shape[0] == 0:
                     continue
-                g, u = F.linear(xe, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n_e, I] each
-                chunks.append(F.linear(F.silu(g) * u, self.down_proj[e]))  # [n_e, C]
+                g, u = linear(xe, gate_up[e]).chunk(2, dim=-1)  # [n_e, I] each
+                chunks.append(linear(F.silu(g) * u, down[e]))  # [n_e, C]
             ys = torch.cat(chunks) if chunks else xs.new_zeros(0, x.shape[1])
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
 
 
 class MoE(nn.Module):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.linear import Linear
 from nanoseek.model.attention import GQA, MLA, AttnInputs, RMSNorm
 from nanoseek.model.moe import MLP, MoE, RouterStats
 from nanoseek.model.rope import rope_cos_sin, rope_inv_freq
@@ -91,7 +92,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         inv_freq, self.rope_attn_factor = rope_inv_freq(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
