@@ -90,7 +90,7 @@ def register(subparsers) -> None:
     r.add_argument("--data", default="runs/data", help="data folder (default runs/data)")
     r.add_argument("--run-dir", default="runs/default", help="training run folder (default runs/default)")
     r.add_argument("--model-config", default="configs/default.json")
-    r.add_argument("--max-steps", type=int, default=None, help="training steps (default: the trainer's)")
+    r.add_argument("--max-steps", type=int, default=None, help="training steps (default: 900, the measured recipe)")
     r.add_argument("--hardware-cost-per-hour", default=DEFAULT_HARDWARE_COST,
                    help=f"for the price calibration (default {DEFAULT_HARDWARE_COST})")
     r.add_argument("--demo-balance", default="10", help="balance of the demo key (default 10)")
@@ -193,6 +193,11 @@ def demo_key(db_url: str, balance: str, key_file: str = DEMO_KEY_FILE) -> tuple[
         acc.close()
 
 
+DEFAULT_TRAIN_RECIPE = ["--max-steps", "900", "--batch-size", "16", "--seq-len", "128", "--lr", "3e-3",
+                        "--warmup-steps", "30", "--eval-every", "150", "--eval-batches", "16",
+                        "--checkpoint-every", "150"]
+
+
 def _planned_steps(run_dir: str) -> int | None:
     """max_steps recorded by the trainer in the run folder, if a run was started there."""
     import json
@@ -225,10 +230,12 @@ def cmd_run(args) -> int:
         argv = ["train", "--model-config", args.model_config, "--data", args.data, "--out", args.run_dir]
         if resume:
             argv.append("--resume")
+        else:  # the recipe measured for configs/default.json (bench/RESULTS.md, Training: ~5 min on 2 cores)
+            argv += DEFAULT_TRAIN_RECIPE
         if args.max_steps is not None:
             argv += ["--max-steps", str(args.max_steps)]
             if not resume:
-                argv += ["--warmup-steps", str(min(100, args.max_steps))]
+                argv += ["--warmup-steps", str(min(30, args.max_steps))]
         rc = nanoseek_main(argv)
         if rc != 0:
             say(f"training stopped (exit {rc}); `make run` again resumes it")
