@@ -20,22 +20,11 @@ from pathlib import Path
 import torch
 
 from nanoseek.config import ModelConfig
-from nanoseek.info import count_params
+from nanoseek.info import count_params, matmul_flops
 from nanoseek.model.checkpoint import load_model, save_model
 from nanoseek.model.transformer import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
 
 
 def time_forward(fn, ids: torch.Tensor, repeats: int) -> float:
@@ -65,7 +54,7 @@ def main() -> None:
         save_model(build_model(cfg, seed=0), Path(tmp) / "ck")
         ours = load_model(Path(tmp) / "ck", dtype=torch.float32)
         theirs = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "ck", dtype=torch.float32).eval()
-    peak = matmul_gflops()
+    peak = matmul_flops() / 1e9
     counts = count_params(cfg)
     print(f"# forward (prefill) benchmark — {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
           f"{args.threads} threads, torch {torch.__version__}, transformers {transformers.__version__}")

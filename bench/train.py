@@ -27,23 +27,13 @@ import torch
 from nanoseek.config import ModelConfig
 from nanoseek.info import count_params
 from nanoseek.model.checkpoint import load_model, save_model
+from nanoseek.info import matmul_flops
 from nanoseek.model.transformer import build_model
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.loop import train_flops_per_token
 from nanoseek.train.step import make_optimizer, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
 
 
 def main() -> None:

@@ -114,6 +114,23 @@ def describe(cfg: ModelConfig, name: str, context: int = 4096, dtype_bytes: int 
     return "\n".join(lines)
 
 
+def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+    """This machine's fp32 matmul rate in FLOP/s (n x n by n x n, best of `repeats`): the ceiling
+    that MFU and the benchmarks' "fraction of matmul rate" are measured against."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
 def _resolve(path: str) -> tuple[ModelConfig, str]:
     return ModelConfig.from_json(path), path
 

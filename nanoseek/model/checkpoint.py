@@ -207,6 +207,18 @@ def hf_state_items(model: CausalLM):
             yield name, t
 
 
+def replace_dir(src: Path, dst: Path) -> None:
+    """Put the finished folder src at dst, replacing an older dst: a reader sees the old folder or
+    the new one, never a mix (dst is absent only between two renames)."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.rename(dst, old)
+    os.rename(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save_model(model: CausalLM, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                extra_files: dict[str, str | os.PathLike] | None = None) -> Path:
     """Write config.json + safetensors (sharded above max_shard_size) atomically; returns the folder.
@@ -240,13 +252,7 @@ def save_model(model: CausalLM, path: str | os.PathLike, max_shard_size: int | s
         model.config.replace(torch_dtype=str(dtype).removeprefix("torch.")).to_json(tmp / "config.json")
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoseek.model.moe import RouterStats
-from nanoseek.train.config import V2_COMM_ALPHA, V2_DEVICE_ALPHA, V2_EXPERT_ALPHA, V3_BIAS_GAMMA, V3_SEQ_ALPHA
+from nanoseek.train.config import V2_COMM_ALPHA, V2_DEVICE_ALPHA, V2_EXPERT_ALPHA, V3_SEQ_ALPHA
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nanoseek.model.checkpoint import CheckpointError, load_model, save_model
+from nanoseek.model.checkpoint import CheckpointError, load_model, replace_dir, save_model
 
 CKPT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.pt"
@@ -80,13 +80,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, trainer_state:
         if mtp_items:
             _add_mtp_shard(folder, mtp_items)
         torch.save(trainer_state, folder / STATE_FILE)
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.rename(final, old)
-        os.rename(folder, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(folder, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.config import ConfigError, ModelConfig
-from nanoseek.info import count_params
+from nanoseek.info import count_params, matmul_flops
 from nanoseek.model.checkpoint import CheckpointError
 from nanoseek.train import checkpoint as ckpt
 from nanoseek.train.balance import resolve_devices
@@ -148,18 +148,6 @@ def preflight(tcfg: TrainConfig) -> Plan:
                          f"{model_cfg.vocab_size}: token ids would fall outside the embedding")
     return Plan(model_cfg=model_cfg, meta=meta, mtp_depth=mtp_depth, resume_from=resume_from,
                 device=_device(tcfg.device))
-
-
-def matmul_flops(n: int = 1024, repeats: int = 3) -> float:
-    """This machine's fp32 matmul rate (FLOP/s) on n x n, best of `repeats`."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -288,7 +276,7 @@ def train(tcfg: TrainConfig) -> dict:
     if autocast_dtype is not None:
         autocast_experts(model, mtp, dtype=autocast_dtype)
     flops_per_token = train_flops_per_token(model.config, tcfg.seq_len)
-    peak = tcfg.peak_flops or (matmul_flops() if device.type == "cpu" else 0.0)
+    peak = tcfg.peak_flops or (matmul_flops(1024, 3) if device.type == "cpu" else 0.0)
     extra_files = {"tokenizer.json": data / plan.meta.get("tokenizer", "tokenizer.json")}
     if (data / "tokenizer_config.json").is_file():
         extra_files["tokenizer_config.json"] = data / "tokenizer_config.json"

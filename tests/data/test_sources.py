@@ -5,7 +5,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanoseek.data.sources import (Document, Skipped, classify_bytes, default_corpus_files, iter_documents,
+from nanoseek.data.sources import (Document, classify_bytes, default_corpus_files, iter_documents,
                                    split_of, total_input_bytes)
 
 
