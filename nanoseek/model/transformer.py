@@ -142,18 +142,22 @@ class CausalLM(nn.Module):
         return (logits, stats) if return_router_stats else logits
 
 
-def init_weights(model: CausalLM, seed: int | None = None) -> CausalLM:
-    """Normal(0, initializer_range) for matrices and embeddings, ones for norms, zeros for biases."""
-    std = model.config.initializer_range
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+def init_parameters(module: nn.Module, std: float, gen: torch.Generator | None = None) -> None:
+    """Normal(0, std) for matrices and embeddings, ones for norms, zeros for biases, in
+    named_parameters order (so a seed gives the same weights every time)."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+        for name, p in module.named_parameters():
+            if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif name.endswith(".bias"):
                 p.zero_()
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def init_weights(model: CausalLM, seed: int | None = None) -> CausalLM:
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    init_parameters(model, model.config.initializer_range, gen)
     return model
 
 

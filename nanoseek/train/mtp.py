@@ -31,7 +31,7 @@ from nanoseek.model.attention import AttnInputs, RMSNorm
 from nanoseek.model.checkpoint import hf_state_items
 from nanoseek.model.moe import RouterStats
 from nanoseek.model.rope import rope_cos_sin
-from nanoseek.model.transformer import Block
+from nanoseek.model.transformer import Block, init_parameters
 
 
 class SharedHead(nn.Module):
@@ -63,16 +63,7 @@ class MTPHeads(nn.Module):
 
     def init_weights(self, seed: int) -> "MTPHeads":
         """Normal(0, initializer_range) for matrices, ones for norms (like the main model)."""
-        gen = torch.Generator().manual_seed(seed + 7919)
-        std = self.cfg.initializer_range
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                elif name.endswith(".bias"):
-                    p.zero_()
-                else:
-                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        init_parameters(self, self.cfg.initializer_range, torch.Generator().manual_seed(seed + 7919))
         return self
 
     def forward(self, model: nn.Module, hidden: torch.Tensor, y: torch.Tensor
