@@ -258,8 +258,13 @@ class LLM:
             raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts")
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
         results: dict[str, RequestOutput] = {}
-        for rid, prompt, params in zip(ids, prompts, sampling_params):
-            results[rid] = self.engine.add_request(rid, prompt, params)
+        try:
+            for rid, prompt, params in zip(ids, prompts, sampling_params):
+                results[rid] = self.engine.add_request(rid, prompt, params)
+        except Exception:  # one bad prompt: nothing of this call stays queued
+            for rid in results:
+                self.engine.abort(rid)
+            raise
         bar = None
         if use_tqdm:
             from tqdm import tqdm

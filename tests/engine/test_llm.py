@@ -198,3 +198,14 @@ def test_generate_cli_streams_text(model_dir):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("def add(")
     assert "finish_reason=" in r.stderr
+
+
+def test_generate_with_one_bad_prompt_queues_nothing():
+    model = make_model()
+    llm = LLM(model, block_size=4, num_blocks=32)
+    with pytest.raises(RequestRejected, match="empty prompt"):
+        llm.generate([{"prompt_token_ids": [3, 4]}, {"prompt_token_ids": []}], GREEDY, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.block_manager.num_free_blocks == 32
+    out = llm.generate([{"prompt_token_ids": [3, 4]}], GREEDY, use_tqdm=False)
+    assert out[0].outputs[0].token_ids == recompute_greedy(model, [3, 4], 8)
