@@ -71,30 +71,29 @@ def _saved(tmp_path):
     return tmp_path / "ck", tmp_path / "ck" / "model.safetensors"
 
 
-def test_missing_tensor_is_named(tmp_path):
-    folder, f = _saved(tmp_path)
-    state = load_file(f)
+def _drop_expert(state):
     del state["model.layers.2.mlp.experts.3.up_proj.weight"]
-    save_file(state, f)
-    with pytest.raises(CheckpointError, match=r"missing.*model\.layers\.2\.mlp\.experts\.gate_up_proj"):
-        load_model(folder)
 
 
-def test_unexpected_tensor_is_named(tmp_path):
-    folder, f = _saved(tmp_path)
-    state = load_file(f)
+def _add_stray(state):
     state["model.layers.0.self_attn.q_a_proj.weight"] = torch.zeros(3, 3)
-    save_file(state, f)
-    with pytest.raises(CheckpointError, match=r"unexpected.*q_a_proj"):
-        load_model(folder)
 
 
-def test_misshaped_tensor_is_named(tmp_path):
+def _reshape(state):
+    state["model.layers.1.self_attn.kv_b_proj.weight"] = torch.zeros(10, 32)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_drop_expert, r"missing.*model\.layers\.2\.mlp\.experts\.gate_up_proj"),
+    (_add_stray, r"unexpected.*q_a_proj"),
+    (_reshape, r"kv_b_proj\.weight has shape \(10, 32\).*\(128, 32\)"),
+], ids=["missing", "unexpected", "misshaped"])
+def test_bad_tensor_is_named(tmp_path, edit, message):
     folder, f = _saved(tmp_path)
     state = load_file(f)
-    state["model.layers.1.self_attn.kv_b_proj.weight"] = torch.zeros(10, 32)
+    edit(state)
     save_file(state, f)
-    with pytest.raises(CheckpointError, match=r"kv_b_proj\.weight has shape \(10, 32\).*\(128, 32\)"):
+    with pytest.raises(CheckpointError, match=message):
         load_model(folder)
 
 
