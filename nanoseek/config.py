@@ -29,6 +29,24 @@ TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 ROPE_TYPES = ("default", "linear", "yarn")
 
+# What a key absent from config.json means, per family, where it differs from the dataclass defaults
+# below (which are DeepSeek-V2's). These are the defaults of transformers' config classes
+# (DeepseekV2Config, DeepseekV3Config, LlamaConfig; transformers 5.24), so a config.json written by
+# transformers, which leaves out keys its class does not have or that equal its defaults, means the
+# same model here. transformers' V3 always routes with sigmoid scores and noaux_tc, so it writes no
+# topk_method or scoring_func; DeepSeek's own V3 config sets those to the same values.
+ABSENT_KEY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek_v2": dict(num_hidden_layers=32, n_routed_experts=64, n_shared_experts=2,
+                        bos_token_id=1, eos_token_id=2),
+    "deepseek_v3": dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, num_hidden_layers=61,
+                        num_attention_heads=128, max_position_embeddings=4096, moe_intermediate_size=2048,
+                        n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8,
+                        topk_group=4, first_k_dense_replace=3, norm_topk_prob=True, routed_scaling_factor=2.5,
+                        topk_method="noaux_tc", scoring_func="sigmoid", num_nextn_predict_layers=1,
+                        bos_token_id=0, eos_token_id=1),
+    "llama": dict(vocab_size=32000, num_hidden_layers=32, bos_token_id=1, eos_token_id=2, q_lora_rank=None),
+}
+
 
 class ConfigError(ValueError):
     """A config value (or combination) that no model can be built from."""
@@ -89,7 +107,9 @@ class ModelConfig:
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if self.num_key_value_heads is None:
+        if self.num_key_value_heads is None or self.model_type != "llama":
+            # MLA has one latent shared by all heads: the key means nothing there, and transformers'
+            # DeepseekV3Config defaults it to 128 whatever the head count, so it is not checked
             self.num_key_value_heads = self.num_attention_heads
         if self.model_type == "llama" and self.head_dim is None and self.num_attention_heads:
             self.head_dim = self.hidden_size // self.num_attention_heads
@@ -138,9 +158,6 @@ class ModelConfig:
         need(self.kv_lora_rank > 0, f"kv_lora_rank={self.kv_lora_rank} must be > 0")
         need(self.q_lora_rank is None or self.q_lora_rank > 0,
              f"q_lora_rank={self.q_lora_rank} must be null or > 0")
-        need(self.num_key_value_heads == self.num_attention_heads,
-             f"MLA has one latent shared by all heads: num_key_value_heads={self.num_key_value_heads} "
-             f"must equal num_attention_heads={self.num_attention_heads}")
         if self.model_type == "deepseek_v2":
             need(self.rope_interleave in (None, True),
                  "deepseek_v2 checkpoints use the interleaved rope layout; rope_interleave=false "
@@ -250,8 +267,8 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
-        if d["model_type"] == "llama":  # MLA/MoE fields are meaningless for llama
-            known.setdefault("q_lora_rank", None)
+        for k, v in ABSENT_KEY_DEFAULTS.get(d["model_type"], {}).items():
+            known.setdefault(k, v)
         return cls(**known, extra=extra)
 
     @classmethod

@@ -73,7 +73,7 @@ def test_softmax_scale_carries_mscale_squared():
     (dict(model_type="mixtral"), "model_type='mixtral'"),
     (dict(topk_method="noaux_tc", n_group=2, topk_group=1), "scoring_func"),
     (dict(topk_method="best"), "topk_method='best'"),
-    (dict(num_key_value_heads=2), "num_key_value_heads=2"),
+    (dict(model_type="llama", num_key_value_heads=3), "num_key_value_heads=3"),
     (dict(n_group=2, topk_group=3, topk_method="group_limited_greedy"), "topk_group=3"),
 ])
 def test_impossible_combinations_are_rejected_by_name(change, message):
