@@ -31,6 +31,8 @@ from pathlib import Path
 
 import httpx
 
+from nanoseek.io import atomic_write
+
 WORDS = ("alpha beta gamma delta epsilon stack queue tree graph node edge list dict set tuple "
          "return yield class def import lambda async await").split()
 
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows.items():
         print(f"| {name} | " + " | ".join(str(r[c]) for c in cols) + " |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"clients": args.clients, "max_tokens": args.max_tokens,
+        atomic_write(args.json, json.dumps({"clients": args.clients, "max_tokens": args.max_tokens,
                                                "duration_s": args.duration, "results": rows}, indent=2))
     return 0
 

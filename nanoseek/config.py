@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanoseek.io import atomic_write
+
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "llama")
 ARCHITECTURES = {
     "deepseek_v2": "DeepseekV2ForCausalLM",
@@ -313,7 +315,7 @@ class ModelConfig:
         return out
 
     def to_json(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -34,6 +34,7 @@ import numpy as np
 from nanoseek.data import curate, sources
 from nanoseek.data.curate import CurationConfig, CurationReport
 from nanoseek.data.shards import META, SPLITS, ShardWriter, token_dtype, write_meta
+from nanoseek.io import atomic_write
 
 STAGING = ".staging"
 _LEN = struct.Struct("<Q")
@@ -336,9 +337,7 @@ def _remove_stale_shards(out: Path, splits: dict) -> None:
 def _write_report(out: Path, report: dict) -> None:
     import json
 
-    tmp = out / f"report.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out / "report.json")
+    atomic_write(out / "report.json", json.dumps(report, indent=2) + "\n")
 
 
 def format_report(report: dict) -> str:

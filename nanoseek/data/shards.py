@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nanoseek.io import atomic_write
+
 FORMAT = "nanoseek-shards/1"
 META = "meta.json"
 SPLITS = ("train", "val")
@@ -106,9 +108,7 @@ class ShardWriter:
 def write_meta(out_dir: str | os.PathLike, meta: dict) -> None:
     """Write meta.json atomically: the last step of a prepare, which makes the dataset whole."""
     out = Path(out_dir)
-    tmp = out / (META + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n")
-    os.replace(tmp, out / META)
+    atomic_write(out / META, json.dumps({"format": FORMAT, **meta}, indent=2) + "\n")
 
 
 def read_meta(data_dir: str | os.PathLike) -> dict:

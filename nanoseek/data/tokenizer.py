@@ -28,6 +28,8 @@ from typing import Callable, Iterable
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
+from nanoseek.io import atomic_write
+
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
 CHAT_ROLES = ("system", "user", "assistant")
@@ -152,8 +154,8 @@ class Tokenizer:
         """Write tokenizer.json and tokenizer_config.json into `out_dir` (each atomically)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "tokenizer.json", self.tok.to_str(pretty=False))
-        _atomic_write(out / "tokenizer_config.json", json.dumps(self.config, indent=2, ensure_ascii=False))
+        atomic_write(out / "tokenizer.json", self.tok.to_str(pretty=False))
+        atomic_write(out / "tokenizer_config.json", json.dumps(self.config, indent=2, ensure_ascii=False))
         return out
 
 
@@ -171,12 +173,6 @@ def _compile_template(source: str):
         return env.from_string(source)
     except TemplateError as e:
         raise TokenizerError(f"chat_template does not compile: {e}") from None
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def default_config() -> dict:

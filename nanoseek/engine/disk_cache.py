@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from nanoseek.io import atomic_path
 
 
 def model_fingerprint(model: torch.nn.Module, cache_dtype: torch.dtype | None = None) -> str:
@@ -93,15 +94,9 @@ class DiskCache:
 
     def save(self, h: str, data: torch.Tensor) -> None:
         path = self._path(h)  # rewritten even if present: a block is saved only when it was not readable
-        fd, tmp = tempfile.mkstemp(prefix=f".{h}.", suffix=".tmp", dir=self.root)
-        os.close(fd)
-        try:
-            save_file({"kv": data.detach().contiguous().cpu()}, tmp,
+        with atomic_path(path, mode=0o600) as tmp:
+            save_file({"kv": data.detach().contiguous().cpu()}, str(tmp),
                       metadata={"fingerprint": self.fingerprint, "hash": h})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         self._sizes[h] = path.stat().st_size
         self._evict()
 

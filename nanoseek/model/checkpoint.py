@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.io import atomic_dir
 from nanoseek.model.rope import rope_inv_freq
 from nanoseek.model.transformer import CausalLM
 
@@ -207,18 +207,6 @@ def hf_state_items(model: CausalLM):
             yield name, t
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Put the finished folder src at dst, replacing an older dst: a reader sees the old folder or
-    the new one, never a mix (dst is absent only between two renames)."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.rename(dst, old)
-    os.rename(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_model(model: CausalLM, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                extra_files: dict[str, str | os.PathLike] | None = None) -> Path:
     """Write config.json + safetensors (sharded above max_shard_size) atomically; returns the folder.
@@ -226,9 +214,7 @@ def save_model(model: CausalLM, path: str | os.PathLike, max_shard_size: int | s
     extra_files: {name in the folder: source path}, e.g. the tokenizer files, copied along."""
     path = Path(path)
     limit = _parse_size(max_shard_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name, t in hf_state_items(model):
@@ -252,8 +238,4 @@ def save_model(model: CausalLM, path: str | os.PathLike, max_shard_size: int | s
         model.config.replace(torch_dtype=str(dtype).removeprefix("torch.")).to_json(tmp / "config.json")
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

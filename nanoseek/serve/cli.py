@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from nanoseek.io import atomic_write
+
 DEFAULT_PRICES = "runs/prices.json"
 DEFAULT_HARDWARE_COST = "0.05"   # USD/hour: about what a small 2-core cloud VM costs
 DEMO_KEY_FILE = "runs/demo_key.txt"
@@ -183,11 +185,7 @@ def demo_key(db_url: str, balance: str, key_file: str = DEMO_KEY_FILE) -> tuple[
         names = {k.name for k in acc.list_keys()}
         name = next(n for n in ["demo"] + [f"demo-{i}" for i in range(2, 10_000)] if n not in names)
         _, secret = acc.create_key(name, balance, note="make run demo key")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(secret + "\n")
-        tmp.chmod(0o600)
-        os.replace(tmp, path)
+        atomic_write(path, secret + "\n", mode=0o600)
         return secret, True
     finally:
         acc.close()

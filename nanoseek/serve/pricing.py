@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from decimal import ROUND_CEILING, Context, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
+
+from nanoseek.io import atomic_write
 
 MONEY_PLACES = 9          # request amounts and balances are exact to 1e-9 currency units
 PRICE_PLACES = 6          # unit prices (per million tokens) are exact to 1e-6 currency units
@@ -193,19 +194,7 @@ class PriceSheet:
 
     def save(self, path: str | os.PathLike = DEFAULT_PRICES_PATH) -> Path:
         """Write atomically (temp file + rename) so a reader never sees half a sheet."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, self.to_json(), fsync=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike = DEFAULT_PRICES_PATH) -> "PriceSheet":

@@ -18,14 +18,14 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nanoseek.model.checkpoint import CheckpointError, load_model, replace_dir, save_model
+from nanoseek.io import atomic_dir
+from nanoseek.model.checkpoint import CheckpointError, load_model, save_model
 
 CKPT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.pt"
@@ -72,17 +72,11 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, trainer_state:
                     extra_files: dict[str, str | os.PathLike] | None = None) -> Path:
     """Write checkpoint `step` atomically (replacing one of the same step); returns its folder."""
     final = step_dir(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        folder = tmp / "ckpt"
+    with atomic_dir(final) as folder:
         save_model(model, folder, extra_files=extra_files)
         if mtp_items:
             _add_mtp_shard(folder, mtp_items)
         torch.save(trainer_state, folder / STATE_FILE)
-        replace_dir(folder, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

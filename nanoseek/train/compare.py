@@ -22,11 +22,12 @@ final validation loss, as a fraction of the dense run's FLOPs. The goal asks for
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from nanoseek.io import atomic_path, atomic_write
 
 GOAL_FRACTION = 0.6  # the target: MLA+MoE matches dense's final val loss with <= 60% of its FLOPs
 FRACTIONS = (0.25, 0.5, 1.0)  # of the common FLOPs, for "val loss at equal FLOPs"
@@ -193,17 +194,10 @@ def plot(summary: dict, curves: dict[str, list[tuple[float, float]]], train: dic
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------- the runs
@@ -298,7 +292,7 @@ def compare(cc: CompareConfig) -> dict:
     summary = summarize(facts, curves, rates)
     summary.update(config=asdict(cc), budget=plan["budget"], steps={n: t.max_steps for n, t in plan["train"].items()},
                    wall_s=wall, curves={n: [list(p) for p in c] for n, c in curves.items()})
-    _write_atomic(out / "compare.json", json.dumps(summary, indent=2) + "\n")
-    _write_atomic(out / "compare.md", markdown(summary))
+    atomic_write(out / "compare.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write(out / "compare.md", markdown(summary))
     plot(summary, curves, train_recs, out / "compare.png")
     return summary

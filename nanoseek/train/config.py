@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanoseek.io import atomic_write
 from nanoseek.train.schedule import SCHEDULES
 
 # the papers' balance settings (see balance.py): DeepSeek-V2 Sec. 3.1.2, DeepSeek-V3 Sec. 4.2
@@ -125,9 +126,7 @@ class TrainConfig:
 
     def save(self, run_dir: str | os.PathLike) -> Path:
         path = Path(run_dir) / CONFIG_FILE
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
     @classmethod

@@ -31,6 +31,7 @@ import torch
 
 from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.info import count_params, matmul_flops
+from nanoseek.io import atomic_write
 from nanoseek.model.checkpoint import CheckpointError
 from nanoseek.train import checkpoint as ckpt
 from nanoseek.train.balance import resolve_devices
@@ -191,9 +192,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(ln + "\n" for ln in keep))
 
 
 def _context(tcfg: TrainConfig, plan: Plan):

@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from nanoseek.io import atomic_path
+
 METRICS = "metrics.jsonl"
 
 
@@ -68,9 +70,7 @@ def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike | None = Non
         for ax in axes.flat:
             ax.set_xscale("log")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, out)
     return out
