@@ -28,7 +28,11 @@ TOP_P_CANDIDATES = 256  # top_p looks at this many best tokens first, sorting al
 
 
 class SamplingParamsError(ValueError):
-    """A sampling value outside its allowed range."""
+    """A sampling value outside its allowed range; `param` names the field (e.g. "top_p")."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -61,9 +65,9 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        def need(ok: bool, msg: str) -> None:
+        def need(ok: bool, param: str, msg: str) -> None:
             if not ok:
-                raise SamplingParamsError(msg)
+                raise SamplingParamsError(msg, param)
 
         def is_int(x) -> bool:
             return isinstance(x, int) and not isinstance(x, bool)
@@ -71,31 +75,31 @@ class SamplingParams:
         def is_real(x) -> bool:
             return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
-        need(is_int(self.n) and self.n >= 1, f"n={self.n!r} must be an integer >= 1")
+        need(is_int(self.n) and self.n >= 1, "n", f"n={self.n!r} must be an integer >= 1")
         need(is_real(self.temperature) and self.temperature >= 0,
-             f"temperature={self.temperature!r} must be a finite number >= 0 (0 is greedy)")
-        need(is_real(self.top_p) and 0 < self.top_p <= 1, f"top_p={self.top_p!r} must be in (0, 1]")
+             "temperature", f"temperature={self.temperature!r} must be a finite number >= 0 (0 is greedy)")
+        need(is_real(self.top_p) and 0 < self.top_p <= 1, "top_p", f"top_p={self.top_p!r} must be in (0, 1]")
         need(is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1),
-             f"top_k={self.top_k!r} must be -1 (off) or an integer >= 1")
-        need(is_real(self.min_p) and 0 <= self.min_p <= 1, f"min_p={self.min_p!r} must be in [0, 1]")
+             "top_k", f"top_k={self.top_k!r} must be -1 (off) or an integer >= 1")
+        need(is_real(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"min_p={self.min_p!r} must be in [0, 1]")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
-            need(is_real(v) and -2 <= v <= 2, f"{name}={v!r} must be in [-2, 2]")
+            need(is_real(v) and -2 <= v <= 2, name, f"{name}={v!r} must be in [-2, 2]")
         need(is_real(self.repetition_penalty) and self.repetition_penalty > 0,
-             f"repetition_penalty={self.repetition_penalty!r} must be > 0 (1 is off)")
+             "repetition_penalty", f"repetition_penalty={self.repetition_penalty!r} must be > 0 (1 is off)")
         need(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1),
-             f"max_tokens={self.max_tokens!r} must be an integer >= 1 or None")
+             "max_tokens", f"max_tokens={self.max_tokens!r} must be an integer >= 1 or None")
         need(is_int(self.min_tokens) and self.min_tokens >= 0,
-             f"min_tokens={self.min_tokens!r} must be an integer >= 0")
+             "min_tokens", f"min_tokens={self.min_tokens!r} must be an integer >= 0")
         need(self.max_tokens is None or self.min_tokens <= self.max_tokens,
-             f"min_tokens={self.min_tokens} must be <= max_tokens={self.max_tokens}")
+             "min_tokens", f"min_tokens={self.min_tokens} must be <= max_tokens={self.max_tokens}")
         need(all(isinstance(s, str) and s for s in self.stop),
-             f"stop={self.stop!r} must be a list of non-empty strings")
+             "stop", f"stop={self.stop!r} must be a list of non-empty strings")
         need(all(is_int(t) and t >= 0 for t in self.stop_token_ids),
-             f"stop_token_ids={self.stop_token_ids!r} must be a list of token ids >= 0")
-        need(self.seed is None or is_int(self.seed), f"seed={self.seed!r} must be an integer or None")
+             "stop_token_ids", f"stop_token_ids={self.stop_token_ids!r} must be a list of token ids >= 0")
+        need(self.seed is None or is_int(self.seed), "seed", f"seed={self.seed!r} must be an integer or None")
         need(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
-             f"logprobs={self.logprobs!r} must be None or an integer in [0, {MAX_LOGPROBS}]")
+             "logprobs", f"logprobs={self.logprobs!r} must be None or an integer in [0, {MAX_LOGPROBS}]")
 
     @property
     def is_greedy(self) -> bool:

@@ -4,7 +4,8 @@
     app = build_app(ServeConfig(model_dir="runs/default/model", db="sqlite:///runs/nanoseek.db"))
     uvicorn.run(app, host="127.0.0.1", port=8000)      # what `nanoseek serve` does
 
-Routes: POST /v1/chat/completions and /v1/completions (routes_generate.py), GET /v1/models,
+Routes: POST /v1/chat/completions and /v1/completions (routes_openai.py, over the generation core
+in core.py; shared state and errors in state.py), GET /v1/models,
 /v1/user/balance (also /user/balance, DeepSeek's path), /v1/pricing, /health, /metrics. Every
 error answers in OpenAI's shape {"error": {"message", "type", "param", "code"}}.
 
@@ -19,77 +20,21 @@ import asyncio
 import contextlib
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .limits import KeyLimits, Limiter
-from .protocol import ModelCard, ModelList, UserBalance, error_for_status
+from .protocol import ModelCard, ModelList, UserBalance
+from .routes_openai import register_openai_routes
+from .state import DEFAULT_DB_URL, ServeConfig, ServeState, error_response
 
-DEFAULT_DB_URL = "sqlite:///runs/nanoseek.db"
-
-
-@dataclass
-class ServeConfig:
-    model_dir: str = ""
-    model_name: str = ""                 # the id clients send as `model`; default: folder name
-    db: str = ""                         # default: $NANOSEEK_DB or sqlite:///runs/nanoseek.db
-    prices: str = "runs/prices.json"
-    cache_dir: str | None = None         # the engine's on-disk context cache
-    # engine
-    block_size: int = 16
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    kv_cache_bytes: int | None = None
-    # per key limits (None: unlimited) and the global queue
-    requests_per_minute: float | None = 600
-    tokens_per_minute: float | None = 1_000_000
-    max_concurrent: int | None = 16
-    max_queue: int | None = 256
-    # requests
-    default_max_tokens: int = 512        # when a request names no max_tokens (bounds its hold)
-    keepalive_s: float = 5.0             # SSE comment while a streamed request waits
-    stale_hold_age_s: float = 0.0        # holds older than this are released at start (0: all)
-
-    def limits(self) -> KeyLimits:
-        return KeyLimits(self.requests_per_minute, self.tokens_per_minute, self.max_concurrent)
-
-
-def error_response(status: int, message: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_for_status(status, message, param), status_code=status, headers=headers)
-
-
-class ServeState:
-    """What the routes share: engine, tokenizer, accounts, prices, limiter, metrics."""
-
-    def __init__(self, engine, tokenizer, accounts, sheet, config: ServeConfig, limiter: Limiter | None = None):
-        from nanoseek.engine.async_engine import AsyncEngine
-        from .metrics import ServeMetrics
-
-        self.llm = engine
-        self.engine = AsyncEngine(engine)
-        self.tokenizer = tokenizer
-        self.accounts = accounts
-        self.sheet = sheet
-        self.config = config
-        self.model_name = config.model_name or Path(config.model_dir or "nanoseek").name
-        self.limiter = limiter or Limiter(config.limits(), max_queue=config.max_queue)
-        self.metrics = ServeMetrics(engine)
-        self.started = time.time()
-
-    async def authenticate(self, request: Request):
-        """The caller's active key, or None (401)."""
-        header = request.headers.get("authorization")
-        return await asyncio.to_thread(self.accounts.authenticate, header)
+__all__ = ["DEFAULT_DB_URL", "ServeConfig", "ServeState", "build_app", "create_app", "load_state"]
 
 
 def create_app(state: ServeState) -> FastAPI:
     """The FastAPI app over a ready ServeState (tests build the state from in-memory parts)."""
-    from .routes_generate import register_generate_routes
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -147,7 +92,7 @@ def create_app(state: ServeState) -> FastAPI:
 
     app.get("/v1/user/balance")(balance)
     app.get("/user/balance")(balance)
-    register_generate_routes(app, state)
+    register_openai_routes(app, state)
     return app
 
 

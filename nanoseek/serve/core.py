@@ -1,0 +1,235 @@
+"""One generation core under every API route: admit → reserve → generate → settle.
+
+    key = await authenticate(state, request)                     # 401
+    req = parse_body(await read_json(request), ChatCompletionRequest)   # 400 / 422 naming the param
+    max_tokens = check_context(state, len(prompt_ids), req.max_tokens, "messages")   # 400
+    job = Job(new_id("chatcmpl-"), "chat", prompt_ids, make_sampling_params(...))
+    await admit(state, key, job)          # the key's limits (429, 503) and its hold (402)
+    try:
+        async for update in generate(state, job):               # absorbed into job as they come
+            ...
+    finally:
+        await close_job(state, job, route, status)              # settle what was produced
+
+A request that produced nothing is released instead of settled. The settle runs shielded from
+cancellation, so a client that disconnects mid-stream is billed for the tokens produced up to then
+and no more; closing the generation aborts the engine request, which frees its KV blocks.
+Routes (routes_openai.py, ...) know their API's shapes; this module knows none of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, AsyncIterator, Literal, TypeVar
+
+import anyio
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from .protocol import validation_error_body
+from .state import ApiError, ServeState
+
+if TYPE_CHECKING:
+    from nanoseek.engine.async_engine import Update
+    from nanoseek.engine.sampling import SamplingParams
+
+    from .accounts import Key, Reservation
+    from .limits import Permit
+
+JobKind = Literal["chat", "completion"]
+Body = TypeVar("Body", bound=BaseModel)
+NO_KEY = "missing or invalid API key (send Authorization: Bearer sk-...)"
+
+
+@dataclass
+class Job:
+    """An admitted request: its prompt, limits permit and hold, and what it has produced so far."""
+
+    id: str
+    kind: JobKind
+    prompt_ids: list[int]
+    params: "SamplingParams"
+    permit: "Permit | None" = None
+    reservation: "Reservation | None" = None
+    texts: list[str] = field(default_factory=list)            # per output index
+    token_ids: list[list[int]] = field(default_factory=list)
+    logprobs: list[list[dict[int, float]]] = field(default_factory=list)
+    finish: list[str | None] = field(default_factory=list)    # the engine's reason, per output
+    cached: int = 0               # prompt tokens served from the prefix/disk cache
+    arrival: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    closed: bool = False          # settled or released, and its permit given back
+
+    def __post_init__(self) -> None:
+        self.texts = [""] * self.n
+        self.token_ids = [[] for _ in range(self.n)]
+        self.logprobs = [[] for _ in range(self.n)]
+        self.finish = [None] * self.n
+
+    @property
+    def n(self) -> int:
+        return self.params.n
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+    @property
+    def cached_prompt_tokens(self) -> int:
+        return min(self.cached, len(self.prompt_ids))
+
+    @property
+    def uncached_prompt_tokens(self) -> int:
+        return len(self.prompt_ids) - self.cached_prompt_tokens
+
+    def absorb(self, update: "Update") -> None:
+        self.cached = max(self.cached, update.num_cached_tokens)
+        for d in update.deltas:
+            self.texts[d.index] += d.text
+            self.token_ids[d.index] += d.token_ids
+            if d.logprobs:
+                self.logprobs[d.index] += d.logprobs
+            if d.finish_reason is not None:
+                self.finish[d.index] = d.finish_reason
+        if self.first_token is None and self.output_tokens:
+            self.first_token = time.monotonic()
+
+
+def new_id(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex
+
+
+# ---------------------------------------------------------------------------- reading a request
+async def authenticate(state: ServeState, request: Request) -> "Key":
+    key = await state.authenticate(request)
+    if key is None:
+        raise ApiError(401, NO_KEY)
+    return key
+
+
+async def read_json(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def parse_body(body: dict, schema: type[Body]) -> Body:
+    try:
+        return schema.model_validate(body)
+    except ValidationError as e:
+        err = validation_error_body(e)["error"]
+        raise ApiError(422, err["message"], err["param"]) from None
+
+
+def check_model(state: ServeState, model: str) -> None:
+    if model != state.model_name:
+        raise ApiError(404, f"model={model!r} is not served here; this server has {state.model_name!r}", "model")
+
+
+def make_sampling_params(**values) -> "SamplingParams":
+    """SamplingParams, or a 422 naming the field the engine refused."""
+    from nanoseek.engine.sampling import SamplingParams, SamplingParamsError
+
+    try:
+        return SamplingParams(**values)
+    except SamplingParamsError as e:
+        raise ApiError(422, str(e), e.param) from None
+
+
+def check_context(state: ServeState, n_prompt: int, max_tokens: int | None, prompt_param: str) -> int:
+    """The request's max_tokens (defaulted), or a 400 stating the prompt, limit and context."""
+    llm = state.llm
+    context = llm.max_model_len
+    if n_prompt == 0:
+        raise ApiError(400, f"{prompt_param}: the prompt is empty; at least 1 token is needed", prompt_param)
+    if n_prompt >= context:
+        raise ApiError(400, f"{prompt_param}: the prompt has {n_prompt} tokens but this model's context is "
+                            f"{context} tokens, which leaves no room to generate", prompt_param)
+    if max_tokens is None:
+        max_tokens = min(state.config.default_max_tokens, context - n_prompt)
+    elif n_prompt + max_tokens > context:
+        raise ApiError(400, f"this model's context is {context} tokens, but {n_prompt + max_tokens} were "
+                            f"requested ({n_prompt} in the prompt, max_tokens={max_tokens}); lower "
+                            "max_tokens or shorten the prompt", "max_tokens")
+    bm = llm.block_manager
+    need = bm.blocks_for(n_prompt + max_tokens - 1)
+    if need > bm.num_blocks:
+        raise ApiError(400, f"this request needs up to {need * bm.block_size} tokens of KV cache ({n_prompt} "
+                            f"prompt + max_tokens={max_tokens}) but the server's cache holds "
+                            f"{bm.num_blocks * bm.block_size}", "max_tokens")
+    return max_tokens
+
+
+# ---------------------------------------------------------------------------- admit, generate, settle
+async def admit(state: ServeState, key: "Key", job: Job) -> None:
+    """Take the key's limits permit and hold the job's maximum cost; ApiError for every refusal."""
+    from .accounts import InsufficientBalance, KeyRevoked
+    from .pricing import max_request_cost
+
+    max_output = job.params.max_tokens * job.n
+    decision = state.limiter.acquire(key.id, len(job.prompt_ids) + max_output)
+    if not decision.allowed:
+        headers = {"Retry-After": decision.retry_after_header} if decision.retry_after_header else None
+        raise ApiError(decision.status, decision.message, None, headers)
+    job.permit = decision.permit
+    try:
+        cost = max_request_cost(state.sheet.prices, len(job.prompt_ids), max_output)
+        job.reservation = await asyncio.to_thread(state.accounts.reserve, key, job.id, cost,
+                                                  state.sheet.prices, state.model_name)
+    except InsufficientBalance as e:
+        state.limiter.release(job.permit, 0)
+        raise ApiError(402, str(e)) from None
+    except KeyRevoked as e:
+        state.limiter.release(job.permit, 0)
+        raise ApiError(401, str(e)) from None
+    except BaseException:
+        state.limiter.release(job.permit, 0)
+        raise
+
+
+async def generate(state: ServeState, job: Job, keepalive_s: float | None = None
+                   ) -> AsyncIterator["Update | None"]:
+    """The engine's updates for the job, each absorbed into it before it is yielded; None while
+    waiting longer than keepalive_s. ValueError if the engine refuses the request. Closing this
+    iterator aborts the engine request."""
+    stream = state.engine.generate(job.id, {"prompt_token_ids": job.prompt_ids}, job.params,
+                                   keepalive_s=keepalive_s)
+    async with contextlib.aclosing(stream):
+        async for update in stream:
+            if update is not None:
+                job.absorb(update)
+            yield update
+
+
+async def close_job(state: ServeState, job: Job, route: str, status: int = 200) -> None:
+    """Settle (or release when nothing was produced) and give back the limiter permit; shielded so a
+    cancelled request still pays exactly for what it produced."""
+    from .accounts import Usage as Billed
+
+    if job.closed:
+        return
+    job.closed = True
+    with anyio.CancelScope(shield=True):
+        try:
+            if job.output_tokens == 0:
+                await asyncio.to_thread(state.accounts.release, job.reservation)
+            else:
+                billed = Billed(job.cached_prompt_tokens, job.uncached_prompt_tokens, job.output_tokens)
+                await asyncio.to_thread(state.accounts.settle, job.reservation, billed)
+        finally:
+            state.limiter.release(job.permit, len(job.prompt_ids) + job.output_tokens)
+            now = time.monotonic()
+            ttft = None if job.first_token is None else job.first_token - job.arrival
+            tpot = None
+            if job.first_token is not None and job.output_tokens > job.n:
+                tpot = (now - job.first_token) / (job.output_tokens - job.n)
+            state.metrics.request_done(route, status, len(job.prompt_ids), job.cached_prompt_tokens,
+                                       job.output_tokens, ttft, tpot)

@@ -1,0 +1,217 @@
+"""POST /v1/chat/completions and /v1/completions: OpenAI's request and response shapes over core.py.
+
+    register_openai_routes(app, state)        # called by app.create_app
+
+One request's life: authenticate (401) → validate the body (422 naming the parameter) → build
+the prompt's token ids and check them against the context (400 stating the numbers) → core.admit
+(429 + Retry-After, 503 when the global queue is full, 402) → core.generate → core.close_job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import weakref
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .core import (Job, admit, authenticate, check_context, check_model, close_job, generate,
+                   make_sampling_params, new_id, parse_body, read_json)
+from .protocol import (SSE_DONE, SSE_KEEP_ALIVE, AssistantMessage, ChatChoice, ChatCompletion,
+                       ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs, ChunkChoice, Completion,
+                       CompletionChoice, CompletionLogprobs, CompletionRequest, Delta, TokenLogprob,
+                       TopLogprob, Usage, error_for_status, sse)
+from .state import ApiError, ServeState, error_response
+
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+OpenAIRequest = ChatCompletionRequest | CompletionRequest
+
+
+def finish_reason(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def usage(job: Job) -> Usage:
+    return Usage.from_counts(hit=job.cached_prompt_tokens, miss=job.uncached_prompt_tokens,
+                             output=job.output_tokens)
+
+
+# ---------------------------------------------------------------------------- prompt building
+def chat_prompt_ids(req: ChatCompletionRequest, tokenizer) -> list[int]:
+    messages = []
+    for i, m in enumerate(req.messages):
+        if m.role not in CHAT_ROLES:
+            raise ApiError(400, f"messages.{i}.role={m.role!r} is not supported by this model; "
+                                f"use one of {sorted(CHAT_ROLES)}", f"messages.{i}.role")
+        messages.append({"role": CHAT_ROLES[m.role], "content": m.text})
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except ValueError as e:
+        raise ApiError(400, f"messages: {e}", "messages") from None
+    return tokenizer.encode(text)  # the template writes BOS itself
+
+
+def completion_prompt_ids(req: CompletionRequest, tokenizer) -> list[int]:
+    prompts = req.prompts
+    if len(prompts) != 1:
+        raise ApiError(400, f"prompt: one prompt per request is supported, got {len(prompts)}", "prompt")
+    prompt = prompts[0]
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    if req.suffix is None:
+        return list(prompt) if isinstance(prompt, list) else bos + tokenizer.encode(prompt)
+    fim = (tokenizer.fim_prefix_id, tokenizer.fim_suffix_id, tokenizer.fim_middle_id)
+    if None in fim:
+        raise ApiError(400, "suffix: this model's tokenizer has no fill-in-the-middle tokens", "suffix")
+    if isinstance(prompt, list):
+        raise ApiError(400, "suffix needs a text prompt, not token ids", "suffix")
+    # prefix-suffix-middle order: the model writes the middle after seeing both sides
+    return bos + [fim[0]] + tokenizer.encode(prompt) + [fim[1]] + tokenizer.encode(req.suffix) + [fim[2]]
+
+
+def build_job(state: ServeState, req: OpenAIRequest) -> Job:
+    """The request as a Job: prompt ids, context check, sampling params (ApiError on each refusal)."""
+    check_model(state, req.model)
+    if isinstance(req, ChatCompletionRequest):
+        kind, prefix, prompt_param = "chat", "chatcmpl-", "messages"
+        prompt_ids = chat_prompt_ids(req, state.tokenizer)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        kind, prefix, prompt_param = "completion", "cmpl-", "prompt"
+        prompt_ids = completion_prompt_ids(req, state.tokenizer)
+        logprobs = req.logprobs
+    max_tokens = check_context(state, len(prompt_ids), req.max_tokens, prompt_param)
+    params = make_sampling_params(
+        n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=-1 if not req.top_k or req.top_k < 0 else req.top_k,
+        presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+        max_tokens=max_tokens, stop=req.stop_list, seed=req.seed, logprobs=logprobs)
+    return Job(new_id(prefix), kind, prompt_ids, params)
+
+
+# ---------------------------------------------------------------------------- response shapes
+def chat_logprobs(tokenizer, ids: list[int], lps: list[dict[int, float]], top: int) -> ChoiceLogprobs:
+    content = []
+    for tid, d in zip(ids, lps):
+        tok = tokenizer.decode([tid])
+        best = sorted(d.items(), key=lambda kv: -kv[1])[:top]
+        content.append(TokenLogprob(token=tok, logprob=d[tid], bytes=list(tok.encode()), top_logprobs=[
+            TopLogprob(token=(t := tokenizer.decode([i])), logprob=lp, bytes=list(t.encode())) for i, lp in best]))
+    return ChoiceLogprobs(content=content)
+
+
+def completion_logprobs(tokenizer, ids: list[int], lps: list[dict[int, float]], top: int,
+                        offset: int = 0) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    for tid, d in zip(ids, lps):
+        tok = tokenizer.decode([tid])
+        out.tokens.append(tok)
+        out.token_logprobs.append(d[tid])
+        out.top_logprobs.append({tokenizer.decode([i]): lp for i, lp in sorted(d.items(), key=lambda kv: -kv[1])[:top]})
+        out.text_offset.append(offset)
+        offset += len(tok)
+    return out
+
+
+def whole_response(state: ServeState, req: OpenAIRequest, job: Job) -> ChatCompletion | Completion:
+    tok = state.tokenizer
+    if job.kind == "chat":
+        choices = [ChatChoice(index=i, message=AssistantMessage(content=job.texts[i]),
+                              finish_reason=finish_reason(job.finish[i]),
+                              logprobs=chat_logprobs(tok, job.token_ids[i], job.logprobs[i], req.top_logprobs or 0)
+                              if req.logprobs else None) for i in range(job.n)]
+        return ChatCompletion(id=job.id, model=state.model_name, choices=choices, usage=usage(job))
+    choices = [CompletionChoice(index=i, text=job.texts[i], finish_reason=finish_reason(job.finish[i]),
+                                logprobs=completion_logprobs(tok, job.token_ids[i], job.logprobs[i], req.logprobs)
+                                if req.logprobs is not None else None) for i in range(job.n)]
+    return Completion(id=job.id, model=state.model_name, choices=choices, usage=usage(job))
+
+
+def stream_events(state: ServeState, req: OpenAIRequest, job: Job, update) -> list[str]:
+    """SSE events for one engine update: one chunk per output that has text or finished."""
+    tok, events = state.tokenizer, []
+    for d in update.deltas:
+        if not d.text and d.finish_reason is None:
+            continue  # tokens still held by the detokenizer (half a character); billed all the same
+        reason = None if d.finish_reason is None else finish_reason(d.finish_reason)
+        if job.kind == "chat":
+            lp = chat_logprobs(tok, d.token_ids, d.logprobs, req.top_logprobs or 0) if req.logprobs else None
+            events.append(sse(ChatCompletionChunk(id=job.id, model=state.model_name, choices=[
+                ChunkChoice(index=d.index, delta=Delta(content=d.text), logprobs=lp, finish_reason=reason)])))
+        else:
+            lp = completion_logprobs(tok, d.token_ids, d.logprobs, req.logprobs) if req.logprobs is not None else None
+            events.append(sse(Completion(id=job.id, model=state.model_name, choices=[
+                CompletionChoice(index=d.index, text=d.text, logprobs=lp, finish_reason=reason)])))
+    return events
+
+
+def usage_event(state: ServeState, job: Job) -> str:
+    if job.kind == "chat":
+        return sse(ChatCompletionChunk(id=job.id, model=state.model_name, choices=[], usage=usage(job)))
+    return sse(Completion(id=job.id, model=state.model_name, choices=[], usage=usage(job)))
+
+
+# ---------------------------------------------------------------------------- routes
+def register_openai_routes(app: FastAPI, state: ServeState) -> None:
+    async def handle(request: Request, schema: type[OpenAIRequest], route: str):
+        try:
+            key = await authenticate(state, request)
+            req = parse_body(await read_json(request), schema)
+            job = build_job(state, req)
+            await admit(state, key, job)
+        except ApiError as e:
+            state.metrics.request_done(route, e.status)
+            return e.response()
+        if req.stream:
+            events = stream(req, job, route)
+            # a client gone before the first event leaves the generator unstarted, so its finally
+            # never runs: close the job when the generator is dropped instead
+            loop = asyncio.get_running_loop()
+            weakref.finalize(events, lambda: job.closed or loop.call_soon_threadsafe(
+                lambda: loop.create_task(close_job(state, job, route, 499))))
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Request-Id": job.id})
+        status = 200
+        try:
+            async for _ in generate(state, job):
+                pass
+        except ValueError as e:  # the engine refused it after all
+            status = 400
+            return error_response(400, str(e))
+        finally:
+            await close_job(state, job, route, status)
+        return JSONResponse(whole_response(state, req, job).model_dump(), headers={"X-Request-Id": job.id})
+
+    async def stream(req: OpenAIRequest, job: Job, route: str):
+        status, closed = 200, False
+        try:
+            if job.kind == "chat":  # the role comes first, as OpenAI sends it
+                yield sse(ChatCompletionChunk(id=job.id, model=state.model_name, choices=[
+                    ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(job.n)]))
+            async for update in generate(state, job, keepalive_s=state.config.keepalive_s):
+                if update is None:
+                    yield SSE_KEEP_ALIVE
+                    continue
+                for event in stream_events(state, req, job, update):
+                    yield event
+            # settled before [DONE], so a client that reads its balance next sees the debit
+            closed = True
+            await close_job(state, job, route, status)
+            if req.include_usage:
+                yield usage_event(state, job)
+            yield SSE_DONE
+        except ValueError as e:
+            status = 400
+            yield f"data: {json.dumps(error_for_status(400, str(e)))}\n\n"
+        finally:
+            if not closed:
+                await close_job(state, job, route, status)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, ChatCompletionRequest, "/v1/chat/completions")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, CompletionRequest, "/v1/completions")

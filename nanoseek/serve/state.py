@@ -1,0 +1,105 @@
+"""What every route shares: the config, the engine client, accounts, prices, limiter, metrics, and
+the one error type the routes raise.
+
+    state = ServeState(llm_engine, tokenizer, Accounts(url), sheet, ServeConfig(...))
+    raise ApiError(400, "messages.0.role='tool' is not supported", "messages.0.role")
+    return error_response(402, "insufficient balance ...")     # OpenAI's error shape
+
+The lowest module of the server: it imports no route, so app.py, core.py and the route modules
+all import it and none of them import each other upward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from .limits import KeyLimits, Limiter
+from .protocol import error_for_status
+
+if TYPE_CHECKING:
+    from nanoseek.engine.llm import LLMEngine
+
+    from .accounts import Accounts, Key
+    from .pricing import PriceSheet
+
+DEFAULT_DB_URL = "sqlite:///runs/nanoseek.db"
+
+
+@dataclass
+class ServeConfig:
+    model_dir: str = ""
+    model_name: str = ""                 # the id clients send as `model`; default: folder name
+    db: str = ""                         # default: $NANOSEEK_DB or sqlite:///runs/nanoseek.db
+    prices: str = "runs/prices.json"
+    cache_dir: str | None = None         # the engine's on-disk context cache
+    # engine
+    block_size: int = 16
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    kv_cache_bytes: int | None = None
+    # per key limits (None: unlimited) and the global queue
+    requests_per_minute: float | None = 600
+    tokens_per_minute: float | None = 1_000_000
+    max_concurrent: int | None = 16
+    max_queue: int | None = 256
+    # requests
+    default_max_tokens: int = 512        # when a request names no max_tokens (bounds its hold)
+    keepalive_s: float = 5.0             # SSE comment while a streamed request waits
+    stale_hold_age_s: float = 0.0        # holds older than this are released at start (0: all)
+
+    def limits(self) -> KeyLimits:
+        return KeyLimits(self.requests_per_minute, self.tokens_per_minute, self.max_concurrent)
+
+
+class ApiError(Exception):
+    """A refusal with its HTTP status and the parameter it is about; each API family renders it in
+    its own error shape (`response()` is OpenAI's)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.param, self.headers)
+
+
+def error_response(status: int, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """OpenAI's error shape {"error": {"message", "type", "param", "code"}}."""
+    return JSONResponse(error_for_status(status, message, param), status_code=status, headers=headers)
+
+
+class ServeState:
+    """What the routes share: engine, tokenizer, accounts, prices, limiter, metrics."""
+
+    def __init__(self, engine: "LLMEngine", tokenizer, accounts: "Accounts", sheet: "PriceSheet",
+                 config: ServeConfig, limiter: Limiter | None = None):
+        # imported here so `nanoseek serve --help` does not load torch
+        from nanoseek.engine.async_engine import AsyncEngine
+
+        from .metrics import ServeMetrics
+
+        self.llm = engine
+        self.engine = AsyncEngine(engine)
+        self.tokenizer = tokenizer
+        self.accounts = accounts
+        self.sheet = sheet
+        self.config = config
+        self.model_name = config.model_name or Path(config.model_dir or "nanoseek").name
+        self.limiter = limiter or Limiter(config.limits(), max_queue=config.max_queue)
+        self.metrics = ServeMetrics(engine)
+        self.started = time.time()
+
+    async def authenticate(self, request: Request) -> "Key | None":
+        """The caller's active key, or None (401)."""
+        header = request.headers.get("authorization")
+        return await asyncio.to_thread(self.accounts.authenticate, header)
