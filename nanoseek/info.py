@@ -135,12 +135,27 @@ def _resolve(path: str) -> tuple[ModelConfig, str]:
     return ModelConfig.from_json(path), path
 
 
+def kernels_report(cfg: ModelConfig, max_rows: int, remeasure: bool = False) -> str:
+    """Time the projection kernels on this config's shapes (nanoseek.model.linear.tune) and format
+    the choice this host makes; the model is built on the meta device, so only shapes are used."""
+    import torch
+
+    from nanoseek.model.linear import format_report, tune
+    from nanoseek.model.transformer import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg, seed=None)
+    return format_report(tune(model, max_rows=max_rows, use_cache=not remeasure))
+
+
 def run(args) -> int:
     for i, path in enumerate(args.configs):
         cfg, name = _resolve(path)
         if i:
             print()
         print(describe(cfg, name, context=args.context, dtype_bytes=args.dtype_bytes))
+        if args.kernels:
+            print(kernels_report(cfg, args.max_rows, args.remeasure))
     return 0
 
 
@@ -150,4 +165,8 @@ def register(sub) -> None:
     p.add_argument("configs", nargs="+", metavar="CONFIG_OR_DIR", help="config.json or a model folder")
     p.add_argument("--context", type=int, default=4096, help="context length for attention FLOPs")
     p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per cached element (2: bf16)")
+    p.add_argument("--kernels", action="store_true",
+                   help="also time the projection kernels on this config's shapes and show this host's choice")
+    p.add_argument("--max-rows", type=int, default=16, help="largest row count (batch) to time with --kernels")
+    p.add_argument("--remeasure", action="store_true", help="with --kernels: ignore the per-host cache")
     p.set_defaults(func=run)

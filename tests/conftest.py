@@ -10,6 +10,20 @@ YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "
         "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _kernel_cache_in_tmp(tmp_path_factory):
+    """Kernel timings measured by engines in tests go to a throwaway folder, not ~/.cache."""
+    import os
+
+    old = os.environ.get("NANOSEEK_CACHE_DIR")
+    os.environ["NANOSEEK_CACHE_DIR"] = str(tmp_path_factory.mktemp("nanoseek-cache"))
+    yield
+    if old is None:
+        os.environ.pop("NANOSEEK_CACHE_DIR", None)
+    else:
+        os.environ["NANOSEEK_CACHE_DIR"] = old
+
+
 def tiny_v2(**kw) -> ModelConfig:
     """V2, greedy softmax routing, no query compression."""
     base = dict(model_type="deepseek_v2", vocab_size=96, hidden_size=64, intermediate_size=128,

@@ -21,3 +21,19 @@ def test_info_on_a_bad_path_fails_clearly(tmp_path):
     assert r.returncode == 2
     assert "nanoseek info: error:" in r.stderr and "nope.json" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_info_kernels_times_the_configs_shapes_and_caches_the_choice(tmp_path):
+    import json
+    import os
+
+    from tests.conftest import tiny_v2
+
+    tiny_v2().to_json(tmp_path / "config.json")
+    env = {**os.environ, "NANOSEEK_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-m", "nanoseek", "info", str(tmp_path / "config.json"), "--kernels",
+                          "--max-rows", "2"], capture_output=True, text=True, check=True, env=env).stdout
+    assert "kernels on" in out and "[64, 64]" in out and "[96, 64]" in out  # o_proj; the lm_head
+    cached = json.loads((tmp_path / "cache" / "kernels.json").read_text())
+    (entries,) = cached.values()
+    assert "dense|2|96|64" in entries and entries["dense|2|96|64"]["kernel"] in ("F.linear", "small_rows")

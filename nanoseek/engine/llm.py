@@ -13,6 +13,7 @@ token ids; text only enters through the tokenizer at the edges (prompts in, deto
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ from nanoseek.engine.runner import ModelRunner
 from nanoseek.engine.sampling import SamplingParams, make_generator
 from nanoseek.engine.scheduler import RequestRejected, Scheduler
 from nanoseek.engine.sequence import Sequence
+from nanoseek.model.linear import MAX_ROWS, format_report, tune
+
+log = logging.getLogger("nanoseek.engine")
 
 __all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestRejected"]
 
@@ -82,7 +86,7 @@ class LLMEngine:
                  kv_cache_bytes: int | None = None, kv_cache_fraction: float = 0.2,
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  cache_dir: str | os.PathLike | None = None, disk_cache_bytes: int = 2 ** 30,
-                 cache_dtype: torch.dtype | None = None):
+                 cache_dtype: torch.dtype | None = None, tune_kernels: bool = True):
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = self.config = model.config
@@ -109,6 +113,10 @@ class LLMEngine:
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, self.block_manager,
                                    self.max_model_len, eos_token_ids=cfg.eos_token_ids, vocab_size=cfg.vocab_size)
         self.runner = ModelRunner(model, self.cache, self.disk)
+        self.kernel_report: list[dict] = []
+        if tune_kernels and device.type == "cpu":  # pick this host's faster projection kernels
+            self.kernel_report = tune(model, max_rows=min(MAX_ROWS, max_num_seqs))
+            log.info("%s", format_report(self.kernel_report))
         self._requests: dict[str, RequestOutput] = {}
         self._children: dict[Hashable, tuple[str, _Child]] = {}
         self._params: dict[str, SamplingParams] = {}

@@ -1,36 +1,233 @@
-"""Linear layers with a faster CPU kernel for a handful of rows (decode).
+"""The one dispatch point for every projection: y = x @ W^T (+ b), with the kernel chosen per host.
 
-On CPU, `F.linear(x, W)` = x @ W^T for 1-8 rows runs 2-4x below memory bandwidth (measured on this
-project's 2-core machine: a [512, 512] weight, 2 rows, 160 us vs 45 us), while the same product
-computed as (W @ x^T)^T streams W at full speed. One row is padded to two: the one-row (GEMV) path
-is as slow as F.linear. Training (grad enabled), CUDA and larger batches keep F.linear.
+    y = linear(x, weight, bias)           # x [..., in], weight [out, in] (or a quantised weight)
+    report = tune(model, max_rows=16)     # time every kernel on the model's shapes, keep the fastest
+    print(format_report(report))
+
+A weight is a plain tensor (kind "dense") or an object with a `kind` attribute (e.g. "int8"); each
+kind registers its kernels in KERNELS[kind] = {name: fn(x2 [rows, in], weight, bias) -> [rows, out]},
+the first one being the reference that is used wherever nothing was measured. For few rows (decode)
+the fastest kernel depends on the host: on one CPU computing (W @ x^T)^T streamed W 3.5x faster
+than F.linear, on another it was 3.5x slower. So nothing is assumed: `tune` times each kernel on
+the actual shapes and row counts at engine start, caches the choice per host (CPU model, flags,
+torch version, threads) on disk, and `linear` looks it up in a table keyed by
+(kind, rows class, out, in). Training (grad enabled), non-CPU devices and more than MAX_ROWS rows
+always take the reference.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-SMALL_ROWS = 8
+MAX_ROWS = 16  # above this many rows every kind's reference kernel is used, untimed
+ROW_CLASSES = (1, 2, 4, 8, 16)  # rows are rounded up to one of these to look a choice up
+ROUNDS = 4  # timing rounds per shape, kernels interleaved; the best of all rounds counts
+
+Kernel = Callable[[torch.Tensor, object, "torch.Tensor | None"], torch.Tensor]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x [..., in] and weight [out, in]."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not (0 < rows <= SMALL_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled()):
-        return F.linear(x, weight, bias)
-    x2 = x.reshape(rows, x.shape[-1])
+def _dense_reference(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x2, weight, bias)
+
+
+def _dense_small_rows(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(W @ x^T)^T: streams W row-major (a GEMM with N = rows). One row is padded to two, because the
+    one-column product takes the same GEMV path as F.linear."""
+    rows = x2.shape[0]
     if rows == 1:
         x2 = torch.cat([x2, x2.new_zeros(1, x2.shape[1])])
     y = (weight @ x2.t()).t()[:rows]  # [rows, out]
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias
+
+
+# kind -> {kernel name: fn}; the first entry of each kind is its reference.
+KERNELS: dict[str, dict[str, Kernel]] = {
+    "dense": {"F.linear": _dense_reference, "small_rows": _dense_small_rows},
+}
+
+# (kind, rows class, out, in) -> kernel name: filled by `tune` (or `set_choices`), read by `linear`.
+_CHOICES: dict[tuple[str, int, int, int], str] = {}
+
+
+def weight_kind(weight) -> str:
+    return "dense" if isinstance(weight, torch.Tensor) else weight.kind
+
+
+def activation_dtype(weight) -> torch.dtype:
+    """The dtype of the x a weight multiplies: its own for a tensor, `compute_dtype` for other kinds."""
+    return weight.dtype if isinstance(weight, torch.Tensor) else getattr(weight, "compute_dtype", torch.float32)
+
+
+def row_class(rows: int) -> int:
+    for c in ROW_CLASSES:
+        if rows <= c:
+            return c
+    return ROW_CLASSES[-1]
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [..., in] and weight [out, in], through the chosen kernel."""
+    kind = weight_kind(weight)
+    kernels = KERNELS[kind]
+    out_f, in_f = weight.shape
+    rows = x.numel() // in_f if in_f else 0
+    name = None
+    if 0 < rows <= MAX_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled():
+        name = _CHOICES.get((kind, row_class(rows), out_f, in_f))
+    fn = kernels[name] if name is not None else next(iter(kernels.values()))
+    y = fn(x.reshape(-1, in_f), weight, bias)  # [rows, out]
+    return y.reshape(*x.shape[:-1], out_f)
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict names) that uses `linear` above."""
+    """nn.Linear (same parameters and state-dict names) that goes through `linear` above."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+# ---------------------------------------------------------------------- measuring
+def host_key() -> str:
+    """What a kernel choice depends on: CPU model and flags, torch version, thread count."""
+    cpu = platform.processor() or platform.machine()
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("", platform.machine(), "x86_64"):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith(("flags", "Features")):
+                flags = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    digest = hashlib.sha1(f"{cpu}|{flags}".encode()).hexdigest()[:12]
+    return f"{cpu} [{digest}] torch {torch.__version__} threads {torch.get_num_threads()}"
+
+
+def cache_path() -> Path:
+    root = os.environ.get("NANOSEEK_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanoseek")
+    return Path(root) / "kernels.json"
+
+
+def time_kernel(fn: Kernel, x2: torch.Tensor, weight, repeats: int = 8) -> float:
+    """Best seconds of fn(x2, weight, None) over `repeats` calls after two warm-ups. The minimum, not
+    the median: on a shared machine other processes only ever add time, never remove it."""
+    with torch.inference_mode():
+        for _ in range(2):
+            fn(x2, weight, None)
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn(x2, weight, None)
+            ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+def pick(timings: dict[str, float], kernels: dict[str, Kernel]) -> str:
+    """The fastest kernel by time; the reference (first) wins ties."""
+    names = list(kernels)
+    return min(names, key=lambda n: (timings.get(n, float("inf")), names.index(n)))
+
+
+def model_weights(model: nn.Module) -> dict[tuple[str, int, int], object]:
+    """Every distinct (kind, out, in) a model's projections use, with one weight of that shape.
+
+    Linear modules give their weight; stacked experts (3-D parameters [E, out, in]) give expert 0."""
+    found: dict[tuple[str, int, int], object] = {}
+    for m in model.modules():
+        ws = []
+        if isinstance(m, nn.Linear):
+            ws.append(m.weight)
+        for w in getattr(m, "dispatch_weights", lambda: [])():
+            ws.append(w)
+        for w in ws:
+            if isinstance(w, torch.Tensor) and w.dim() != 2:
+                continue
+            found.setdefault((weight_kind(w), *w.shape), w)
+    return found
+
+
+def tune(model: nn.Module, max_rows: int = MAX_ROWS, timer: Callable = time_kernel,
+         use_cache: bool = True) -> list[dict]:
+    """Time every kernel of every weight kind on the model's shapes for each rows class up to
+    max_rows, install the fastest in the dispatch table, and return one report row per choice.
+
+    Choices already cached for this host are reused (use_cache=False re-measures). `timer` is
+    fn(kernel, x2, weight) -> seconds (tests inject timings through it)."""
+    host = host_key()
+    cached: dict = {}
+    path = cache_path()
+    if use_cache and path.exists():
+        try:
+            cached = json.loads(path.read_text()).get(host, {})
+        except (OSError, ValueError):
+            cached = {}
+    report, fresh = [], False
+    for (kind, out_f, in_f), w in model_weights(model).items():
+        kernels = KERNELS[kind]
+        if isinstance(w, torch.Tensor) and w.is_meta:  # shapes only (`nanoseek info --kernels`)
+            w = torch.randn(w.shape, dtype=w.dtype)
+        if len(kernels) < 2 or getattr(w, "device", torch.device("cpu")).type != "cpu":
+            continue
+        for rc in ROW_CLASSES[: ROW_CLASSES.index(row_class(max(1, max_rows))) + 1]:
+            key = f"{kind}|{rc}|{out_f}|{in_f}"
+            entry = cached.get(key)
+            if entry is None or entry.get("kernel") not in kernels:
+                x2 = torch.randn(rc, in_f).to(activation_dtype(w))
+                timings = {n: float("inf") for n in kernels}
+                for _ in range(ROUNDS):  # interleaved, so a burst of load hits every kernel alike
+                    for n, fn in kernels.items():
+                        timings[n] = min(timings[n], timer(fn, x2, w))
+                entry = {"kernel": pick(timings, kernels), "us": {n: t * 1e6 for n, t in timings.items()}}
+                cached[key], fresh = entry, True
+            _CHOICES[(kind, rc, out_f, in_f)] = entry["kernel"]
+            report.append({"kind": kind, "rows": rc, "out": out_f, "in": in_f, **entry})
+    if fresh and use_cache:
+        _save(path, host, cached)
+    return report
+
+
+def _save(path: Path, host: str, entries: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        data = {}
+    data[host] = entries
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:  # a read-only home only costs re-measuring next time
+        tmp.unlink(missing_ok=True)
+
+
+def set_choices(choices: dict[tuple[str, int, int, int], str]) -> None:
+    """Install choices directly (tests; a caller that measured elsewhere)."""
+    for key, name in choices.items():
+        if name not in KERNELS[key[0]]:
+            raise ValueError(f"unknown kernel {name!r} for kind {key[0]!r}; have {list(KERNELS[key[0]])}")
+        _CHOICES[key] = name
+
+
+def clear_choices() -> None:
+    _CHOICES.clear()
+
+
+def format_report(report: list[dict]) -> str:
+    lines = [f"kernels on {host_key()}:",
+             f"  {'kind':<6} {'rows':>4} {'weight [out, in]':>18}  chosen        timings (us)"]
+    for r in report:
+        times = "  ".join(f"{n} {t:.1f}" for n, t in r.get("us", {}).items())
+        lines.append(f"  {r['kind']:<6} {r['rows']:>4} {str([r['out'], r['in']]):>18}  {r['kernel']:<12}  {times}")
+    return "\n".join(lines)
