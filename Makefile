@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PYTHON  := $(BIN)/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-slow test-pg run info bench clean
+.PHONY: install test test-slow test-pg test-console run info bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ test-slow: $(STAMP)
 # the serve tests with a throwaway PostgreSQL on 127.0.0.1 (as .ci/run does for the whole suite)
 test-pg: $(STAMP)
 	.ci/with-postgres $(PYTHON) -m pytest tests/serve
+
+# the web console in headless Chromium (apt-get install -y chromium); NANOSEEK_SCREENSHOTS=docs
+# also rewrites the README's screenshots
+test-console: $(STAMP)
+	$(PYTHON) -m pytest tests/serve/test_console_browser.py tests/serve/test_console_api.py
 
 # prepare runs/data and train runs/default if missing, calibrate prices, print a demo key, serve on :8000
 run: $(STAMP)

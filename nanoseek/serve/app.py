@@ -6,7 +6,8 @@
 
 Routes: POST /v1/chat/completions and /v1/completions (routes_openai.py, over the generation core
 in core.py; shared state and errors in state.py), GET /v1/models,
-/v1/user/balance (also /user/balance, DeepSeek's path), /v1/pricing, /health, /metrics. Every
+/v1/user/balance (also /user/balance, DeepSeek's path), /v1/pricing, /health, /metrics; the web
+console at / and its JSON under /v1/dashboard/ (routes_console.py). Every
 error answers in OpenAI's shape {"error": {"message", "type", "param", "code"}}.
 
 At start the app releases holds a crashed predecessor left behind (one server per database by
@@ -27,6 +28,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .protocol import ModelCard, ModelList, UserBalance
+from .routes_console import register_console_routes
 from .routes_openai import register_openai_routes
 from .state import DEFAULT_DB_URL, ServeConfig, ServeState, error_response
 
@@ -93,6 +95,7 @@ def create_app(state: ServeState) -> FastAPI:
     app.get("/v1/user/balance")(balance)
     app.get("/user/balance")(balance)
     register_openai_routes(app, state)
+    register_console_routes(app, state)
     return app
 
 

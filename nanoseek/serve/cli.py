@@ -160,7 +160,8 @@ def serve(config, host: str, port: int) -> None:
     from .app import build_app
 
     app = build_app(config)
-    print(f"serving {app.state.serve.model_name} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    print(f"serving {app.state.serve.model_name} on http://{host}:{port}/v1; web console at "
+          f"http://{host}:{port}/", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
@@ -184,7 +185,10 @@ def demo_key(db_url: str, balance: str, key_file: str = DEMO_KEY_FILE) -> tuple[
                 return secret, False
         names = {k.name for k in acc.list_keys()}
         name = next(n for n in ["demo"] + [f"demo-{i}" for i in range(2, 10_000)] if n not in names)
-        _, secret = acc.create_key(name, balance, note="make run demo key")
+        from .key_admin import KeyAdmin
+
+        # an admin key: whoever runs `make run` owns this server, and the console's admin page is theirs
+        _, secret = KeyAdmin(acc).create_key(name, balance, admin=True, note="make run demo key")
         atomic_write(path, secret + "\n", mode=0o600)
         return secret, True
     finally:
@@ -252,6 +256,7 @@ def cmd_run(args) -> int:
     say(("created" if new else "reusing") + f" the demo key (kept in {args.demo_key_file}):")
     print(secret, flush=True)
     print(f"export OPENAI_BASE_URL=http://{args.host}:{args.port}/v1 OPENAI_API_KEY={secret}", flush=True)
+    print(f"console: http://{args.host}:{args.port}/  (sign in with the key above)", flush=True)
     if args.no_serve:
         return 0
     serve(_serve_config(args, model_dir, Path(args.run_dir).resolve().name), args.host, args.port)

@@ -18,7 +18,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Callable
 
-from sqlalchemy import (BigInteger, CheckConstraint, Column, DateTime, Engine, ForeignKey, Integer,
+from sqlalchemy import (BigInteger, Boolean, CheckConstraint, Column, DateTime, Engine, ForeignKey, Integer,
                         MetaData, String, Table, create_engine, event, select, text)
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.types import TypeDecorator
@@ -133,6 +133,31 @@ topups = Table(
     Column("key_id", Integer, ForeignKey("api_keys.id"), nullable=False, index=True),
     Column("amount", Money, nullable=False),
     Column("note", String(256), nullable=False, default=""),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+# ---- the console's per-key settings and admin trail (nanoseek.serve.key_admin). New tables in
+# their own right: create_all makes them on an existing database, no migration step needed.
+key_settings = Table(
+    "key_settings", metadata,
+    Column("key_id", Integer, ForeignKey("api_keys.id"), primary_key=True, autoincrement=False),
+    Column("admin", Boolean, nullable=False, default=False),
+    # per-key limits: NULL = the server's flag, 0 = unlimited
+    Column("requests_per_minute", Integer, nullable=True),
+    Column("tokens_per_minute", Integer, nullable=True),
+    Column("max_concurrent", Integer, nullable=True),
+    Column("updated_at", UTCDateTime, nullable=False),
+    CheckConstraint("requests_per_minute >= 0 AND tokens_per_minute >= 0 AND max_concurrent >= 0",
+                    name="ck_key_settings_limits_nonneg"),
+)
+
+admin_log = Table(
+    "admin_log", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("actor_key_id", Integer, ForeignKey("api_keys.id"), nullable=True),  # NULL: the keys CLI
+    Column("action", String(32), nullable=False),             # create, topup, revoke, limits, admin
+    Column("target_key_id", Integer, ForeignKey("api_keys.id"), nullable=False, index=True),
+    Column("detail", String(512), nullable=False, default=""),
     Column("created_at", UTCDateTime, nullable=False),
 )
 

@@ -1,6 +1,8 @@
 """`nanoseek keys ...` and `nanoseek price ...`: manage API keys and show the price sheet.
 
     nanoseek keys create --name alice --balance 10      # prints the secret once, on stdout
+    nanoseek keys create --name root --admin            # an admin key (the console's admin page)
+    nanoseek keys limits alice --rpm 60 --tpm default --concurrency 2   # 0: unlimited
     nanoseek keys list [--json]                          # never shows secrets
     nanoseek keys topup alice 5.50
     nanoseek keys revoke alice
@@ -50,6 +52,7 @@ def register(subparsers) -> None:
     p = ks.add_parser("create", help="create a key and print its secret (shown only once)")
     p.add_argument("--name", required=True, help="a unique name for the key")
     p.add_argument("--balance", default="0", help="starting balance, an exact decimal (default 0)")
+    p.add_argument("--admin", action="store_true", help="an admin key: may use the console's admin page")
     _add_db(p)
     p.set_defaults(func=cmd_create)
 
@@ -68,6 +71,8 @@ def register(subparsers) -> None:
     p.add_argument("key", metavar="NAME_OR_ID")
     _add_db(p)
     p.set_defaults(func=cmd_revoke)
+
+    register_key_settings(ks)
 
     prices = price_commands(subparsers)
     p = prices.add_parser("show", help="print the price sheet and how it was derived")
@@ -113,9 +118,11 @@ def _key_dict(k) -> dict:
 def cmd_create(args) -> int:
     from .accounts import AccountsError
 
+    from .key_admin import KeyAdmin
+
     acc = _accounts(args)
     try:
-        key, secret = acc.create_key(args.name, args.balance)
+        key, secret = KeyAdmin(acc).create_key(args.name, args.balance, admin=args.admin)
     except AccountsError as e:
         return _fail(str(e))
     finally:
@@ -207,4 +214,69 @@ def cmd_price_set(args) -> int:
     path = sheet.save(args.prices)
     _print_sheet(sheet)
     print(f"saved {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- per-key settings
+def register_key_settings(ks) -> None:
+    """`keys limits` and `keys admin` (settings of nanoseek.serve.key_admin)."""
+    p = ks.add_parser("limits", help="show or set a key's own rate limits (default: the server's flags)")
+    p.add_argument("key", metavar="NAME_OR_ID")
+    for flag, what in (("--rpm", "requests per minute"), ("--tpm", "tokens per minute"),
+                       ("--concurrency", "requests in flight")):
+        p.add_argument(flag, default=None, metavar="N", help=f"{what}: a number, 0 = unlimited, "
+                                                             "'default' = the server's flag")
+    _add_db(p)
+    p.set_defaults(func=cmd_limits)
+
+    p = ks.add_parser("admin", help="grant or withdraw a key's admin rights")
+    p.add_argument("key", metavar="NAME_OR_ID")
+    p.add_argument("--revoke", action="store_true", help="withdraw admin rights instead of granting them")
+    _add_db(p)
+    p.set_defaults(func=cmd_admin)
+
+
+def _limit_text(v) -> str:
+    return "server default" if v is None else ("unlimited" if v == 0 else str(v))
+
+
+def cmd_limits(args) -> int:
+    from .accounts import AccountsError
+    from .key_admin import KeyAdmin, LimitsUpdate
+
+    acc = _accounts(args)
+    try:
+        admin = KeyAdmin(acc)
+        key = acc.get_key(args.key)
+        given = {"requests_per_minute": args.rpm, "tokens_per_minute": args.tpm, "max_concurrent": args.concurrency}
+        if any(v is not None for v in given.values()):
+            current = admin.settings(key.id)
+            # a flag not given keeps its value
+            merged = {n: (getattr(current, n) if v is None else v) for n, v in given.items()}
+            settings = admin.set_limits(key.id, LimitsUpdate.parse(merged))
+        else:
+            settings = admin.settings(key.id)
+    except AccountsError as e:
+        return _fail(str(e))
+    finally:
+        acc.close()
+    print(f"key {key.name!r} (id {key.id}): rpm {_limit_text(settings.requests_per_minute)}, "
+          f"tpm {_limit_text(settings.tokens_per_minute)}, concurrency {_limit_text(settings.max_concurrent)}"
+          + (", admin" if settings.admin else ""))
+    return 0
+
+
+def cmd_admin(args) -> int:
+    from .accounts import AccountsError
+    from .key_admin import KeyAdmin
+
+    acc = _accounts(args)
+    try:
+        key = acc.get_key(args.key)
+        KeyAdmin(acc).set_admin(key.id, not args.revoke)
+    except AccountsError as e:
+        return _fail(str(e))
+    finally:
+        acc.close()
+    print(f"key {key.name!r} (id {key.id}) is {'no longer ' if args.revoke else ''}an admin key")
     return 0

@@ -4,6 +4,7 @@
 
     limiter = Limiter(KeyLimits(requests_per_minute=60, tokens_per_minute=100_000,
                                 max_concurrent=4), max_queue=256)
+    limiter.set_limits(key_id, KeyLimits(requests_per_minute=5))   # a key's own limits (None: default)
     decision = limiter.acquire(key_id, tokens=prompt_tokens + max_tokens)
     if not decision.allowed:
         return error(decision.status, decision.message, headers={"Retry-After": decision.retry_after_header})
@@ -62,6 +63,7 @@ class _KeyState:
     requests: float          # bucket levels
     tokens: float
     updated: float           # clock time the levels refer to
+    limits: KeyLimits        # the limits the levels were kept under
     running: int = 0
 
 
@@ -102,6 +104,15 @@ class Limiter:
 
     def limits_for(self, key: Hashable) -> KeyLimits:
         return self.overrides.get(key, self.default)
+
+    def set_limits(self, key: Hashable, limits: KeyLimits | None) -> None:
+        """Limits of their own for `key` (None: back to the default). Takes effect on its next
+        acquire; its buckets keep their levels, capped at the new minute's allowance."""
+        with self._lock:
+            if limits is None or limits == self.default:
+                self.overrides.pop(key, None)
+            else:
+                self.overrides[key] = limits
 
     @property
     def in_flight(self) -> int:
@@ -166,9 +177,15 @@ class Limiter:
         st = self._keys.get(key)
         if st is None:
             st = self._keys[key] = _KeyState(requests=lim.requests_per_minute or 0.0,
-                                             tokens=lim.tokens_per_minute or 0.0, updated=now)
+                                             tokens=lim.tokens_per_minute or 0.0, updated=now, limits=lim)
             self._prune(now)
             return st
+        if st.limits != lim:  # a bucket that was unlimited starts full, as for a new key
+            if st.limits.requests_per_minute is None:
+                st.requests = lim.requests_per_minute or 0.0
+            if st.limits.tokens_per_minute is None:
+                st.tokens = lim.tokens_per_minute or 0.0
+            st.limits = lim
         elapsed = now - st.updated
         if lim.requests_per_minute is not None:
             st.requests = refill(st.requests, lim.requests_per_minute, lim.requests_per_minute, elapsed)

@@ -60,6 +60,7 @@ ERROR_KINDS = {
     400: ("invalid_request_error", "invalid_request"),
     401: ("authentication_error", "invalid_api_key"),
     402: ("insufficient_balance", "insufficient_balance"),
+    403: ("permission_error", "forbidden"),
     404: ("invalid_request_error", "not_found"),
     422: ("invalid_request_error", "invalid_value"),
     429: ("rate_limit_error", "rate_limit_exceeded"),

@@ -86,6 +86,7 @@ class ServeState:
         # imported here so `nanoseek serve --help` does not load torch
         from nanoseek.engine.async_engine import AsyncEngine
 
+        from .key_admin import KeyAdmin
         from .metrics import ServeMetrics
 
         self.llm = engine
@@ -96,10 +97,20 @@ class ServeState:
         self.config = config
         self.model_name = config.model_name or Path(config.model_dir or "nanoseek").name
         self.limiter = limiter or Limiter(config.limits(), max_queue=config.max_queue)
+        self.key_admin = KeyAdmin(accounts)
         self.metrics = ServeMetrics(engine)
         self.started = time.time()
 
     async def authenticate(self, request: Request) -> "Key | None":
-        """The caller's active key, or None (401)."""
+        """The caller's active key, or None (401). The limiter learns the key's own limits here
+        (key_settings; the server's flags where it has none), so a change made by an admin, the
+        keys CLI or another replica applies from the key's next request."""
         header = request.headers.get("authorization")
-        return await asyncio.to_thread(self.accounts.authenticate, header)
+
+        def find() -> "Key | None":
+            key = self.accounts.authenticate(header)
+            if key is not None:
+                self.limiter.set_limits(key.id, self.key_admin.settings(key.id).limits(self.limiter.default))
+            return key
+
+        return await asyncio.to_thread(find)

@@ -249,10 +249,10 @@ def test_errors_are_the_clients_own_exception_classes(live, funded):
 
 
 def test_rate_limit_is_429_with_retry_after(live):
-    from nanoseek.serve.limits import KeyLimits
+    from nanoseek.serve.key_admin import LimitsUpdate
 
     key, secret = live.state.accounts.create_key("limited", Decimal("1"))
-    live.state.limiter.overrides[key.id] = KeyLimits(requests_per_minute=2)
+    live.state.key_admin.set_limits(key.id, LimitsUpdate(requests_per_minute=2))  # the key's own limit
     client = live.client(secret)
     chat(client, max_tokens=2)
     chat(client, max_tokens=2)

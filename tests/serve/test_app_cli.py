@@ -106,4 +106,6 @@ def test_demo_key_is_created_once_and_reused(tmp_path):
     fresh, new = demo_key(db, "10", str(path))
     assert new and fresh != secret and acc.authenticate(fresh).name == "demo-2"
     assert acc.get_key("demo-2").balance == Decimal("10")
+    from nanoseek.serve.key_admin import KeyAdmin
+    assert KeyAdmin(acc).settings(acc.get_key("demo-2").id).admin  # the operator's own key
     acc.close()
