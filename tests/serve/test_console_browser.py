@@ -20,6 +20,7 @@ from decimal import Decimal
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import openai
 import pytest
 
@@ -186,6 +187,13 @@ def test_usage_page_shows_two_requests_with_the_ledgers_costs(tab, server, keys)
     assert bar("cache miss") + bar("cache hit") == sum(r.cache_miss_tokens + r.cache_hit_tokens for r in rows)
     assert Decimal(str(bar("spend"))) == pytest.approx(sum(r.amount for r in rows))
     tab.shot("usage")
+    # the server page shows the counters /metrics exports
+    tab.page.click("a[href='#/server']")
+    tab.page.locator("#srv-gen-total").wait_for()
+    metrics = httpx.get(server.url + "/metrics").text
+    total = next(x for x in metrics.splitlines() if x.startswith("nanoseek:generation_tokens_total"))
+    assert tab.page.inner_text("#srv-gen-total") == f"{int(float(total.split()[-1])):,}"
+    assert tab.page.inner_text("#srv-alive") == "running"
     tab.check()
 
 
