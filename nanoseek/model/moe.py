@@ -11,7 +11,8 @@ Routing follows the published models:
   the sum of its best two), weights come from the unbiased scores, normalised if norm_topk_prob,
   always times routed_scaling_factor.
 Dispatch sorts the N*K (token, expert) pairs by expert and runs one matmul per active expert
-(torch._grouped_mm on CUDA in bf16), never a loop over tokens.
+(torch._grouped_mm on CUDA in bf16), never a loop over tokens: `expert_ffn`, the one dispatch that
+expert parallelism (nanoseek.train.distributed) calls too.
 """
 
 from __future__ import annotations
@@ -101,6 +102,34 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def expert_ffn(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor,
+               impl: str = "auto") -> torch.Tensor:
+    """The one experts dispatch: xs [M, C] grouped by expert (counts [E] rows each, in expert order)
+    -> [M, C], each row through its own expert's SwiGLU. gate_up [E, 2I, C], down [E, C, I].
+
+    impl: "grouped" (torch._grouped_mm, CUDA bf16), "loop" (one matmul per expert that has rows), or
+    "auto": grouped when rows and weights are both CUDA bf16. Experts.forward calls it with every
+    expert; expert parallel (nanoseek.train.distributed) with this rank's slice and the rows it
+    received. With no rows the result is still computed from xs, so that it stays in the autograd
+    graph (an expert-parallel rank that received nothing must still join the backward exchange)."""
+    if impl == "auto":
+        impl = "grouped" if xs.is_cuda and xs.dtype == gate_up.dtype == torch.bfloat16 else "loop"
+    if impl == "grouped":
+        offs = counts.cumsum(0).to(torch.int32)
+        h = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs)  # [M, 2I]
+        g, u = h.chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(g) * u, down.transpose(-2, -1), offs=offs)  # [M, C]
+    chunks = []
+    # unbind once: indexing [e] per expert would make backward build E full-size gradients
+    gate_ups, downs = gate_up.unbind(0), down.unbind(0)
+    for e, xe in enumerate(xs.split(counts.tolist())):
+        if xe.shape[0] == 0:
+            continue
+        g, u = linear(xe, gate_ups[e]).chunk(2, dim=-1)  # [n_e, I] each
+        chunks.append(linear(F.silu(g) * u, downs[e]))  # [n_e, C]
+    return torch.cat(chunks) if chunks else xs * 0.0
+
+
 class Experts(nn.Module):
     """E routed SwiGLU experts stored stacked: gate_up_proj [E, 2I, C], down_proj [E, C, I].
 
@@ -121,26 +150,13 @@ class Experts(nn.Module):
         token = order // K  # the token of each sorted (token, expert) pair
         xs = x[token]  # [N*K, C], grouped by expert
         counts = torch.bincount(flat, minlength=self.n_experts)  # [E]
-        impl = self.impl
-        if impl == "auto":
-            impl = "grouped" if x.is_cuda and x.dtype == torch.bfloat16 else "loop"
-        if impl == "grouped":
-            offs = counts.cumsum(0).to(torch.int32)
-            h = torch._grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs=offs)  # [N*K, 2I]
-            g, u = h.chunk(2, dim=-1)
-            ys = torch._grouped_mm(F.silu(g) * u, self.down_proj.transpose(-2, -1), offs=offs)
-        else:
-            chunks = []
-            # unbind once: indexing [e] per expert would make backward build E full-size gradients
-            gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-            for e, xe in enumerate(xs.split(counts.tolist())):
-                if xe.shape[0] == 0:
-                    continue
-                g, u = linear(xe, gate_up[e]).chunk(2, dim=-1)  # [n_e, I] each
-                chunks.append(linear(F.silu(g) * u, down[e]))  # [n_e, C]
-            ys = torch.cat(chunks) if chunks else xs.new_zeros(0, x.shape[1])
+        ys = self.grouped_ffn(xs, counts)  # [N*K, C]
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+
+    def grouped_ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs [M, C] grouped by expert, counts [E] -> [M, C]; expert parallel overrides this step alone."""
+        return expert_ffn(xs, self.gate_up_proj, self.down_proj, counts, self.impl)
 
 
 class MoE(nn.Module):

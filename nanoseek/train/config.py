@@ -31,6 +31,9 @@ CONFIG_FILE = "train_config.json"
 RESUMABLE_CHANGES = ("resume", "max_steps", "eval_every", "eval_batches", "checkpoint_every",
                      "keep_checkpoints", "progress", "threads", "log_every", "peak_flops", "stop_after",
                      "compile", "activation_checkpointing")
+# paths: compared resolved on resume (runs/x, runs/x/ and ./runs/x are one folder); `out` is not
+# compared at all: a run is wherever its folder is now (moved or copied runs resume there)
+PATH_FIELDS = ("model_config", "data")
 
 
 def knob(default, help: str, group: str = "training", **kw):
@@ -139,18 +142,22 @@ class TrainConfig:
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> "TrainConfig":
+        """The saved settings of the run in `run_dir`, with out = run_dir (where the run is now)."""
         path = Path(run_dir) / CONFIG_FILE
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            return cls.from_dict({**json.loads(path.read_text()), "out": str(run_dir)})
         except FileNotFoundError:
             raise FileNotFoundError(f"no {CONFIG_FILE} in {run_dir}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
 
     def resume_differences(self, saved: "TrainConfig") -> list[str]:
-        """Fields that differ from the saved run's and may not change on resume."""
+        """Fields that differ from the saved run's and may not change on resume (paths compared resolved)."""
+        def same(k, a, b) -> bool:
+            return Path(a).resolve() == Path(b).resolve() if k in PATH_FIELDS and a and b else a == b
+
         return [f"{k}: saved {v!r}, now {getattr(self, k)!r}" for k, v in saved.to_dict().items()
-                if k not in RESUMABLE_CHANGES and getattr(self, k) != v]
+                if k not in RESUMABLE_CHANGES and k != "out" and not same(k, getattr(self, k), v)]
 
 
 # ---------------------------------------------------------------------- argparse
@@ -175,7 +182,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def from_args(args: argparse.Namespace) -> TrainConfig:
     """The config the flags ask for: with --resume, the run's saved config with the given flags applied."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    if given.get("resume") and given.get("out") and (Path(given["out"]) / CONFIG_FILE).exists():
+    if given.get("resume") and given.get("out"):
+        if not (Path(given["out"]) / CONFIG_FILE).is_file():
+            raise ValueError(f"--resume: no run/checkpoint in {given['out']} (no {CONFIG_FILE}); "
+                             "start a run there without --resume")
         base = TrainConfig.load(given["out"]).to_dict()
     else:
         base = TrainConfig().to_dict()

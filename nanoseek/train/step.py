@@ -21,6 +21,7 @@ from torch import nn
 
 from nanoseek.model.moe import MoE
 from nanoseek.train import balance
+from nanoseek.train.parallelize import unwrap
 from nanoseek.train.schedule import lr_at
 
 
@@ -31,15 +32,6 @@ class NonFiniteLoss(RuntimeError):
         super().__init__(f"{part} loss is {value} at step {step}; stopped before the update "
                          "(lower lr, clip gradients, or check the data)")
         self.step = step
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The CausalLM inside a DDP / compile wrapper."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner
 
 
 def balance_weights(tcfg) -> balance.BalanceWeights:
@@ -75,30 +67,6 @@ def moe_routers(model: nn.Module, mtp: nn.Module | None = None) -> list[nn.Modul
     base = unwrap(model)
     blocks = list(base.model.layers) + (list(mtp.layers) if mtp is not None else [])
     return [b.mlp.gate for b in blocks if isinstance(b.mlp, MoE)]
-
-
-def autocast_experts(*modules: nn.Module | None, dtype: torch.dtype) -> int:
-    """Make the routed experts of `modules` safe under autocast; returns how many were patched.
-
-    Experts sum their outputs into zeros_like(input) with index_add_, which refuses an fp32 input
-    and autocast's bf16 expert outputs. Feeding them input already cast to `dtype` keeps everything
-    in one dtype (the residual add promotes back). The grouped-GEMM path wants bf16 weights, so
-    fp32 master weights fall back to the per-expert loop."""
-    from nanoseek.model.moe import Experts
-
-    count = 0
-    for root in modules:
-        if root is None:
-            continue
-        for m in unwrap(root).modules():
-            if isinstance(m, Experts) and not getattr(m, "_autocast_patched", False):
-                inner = m.forward
-                m.forward = lambda x, idx, w, _f=inner: _f(x.to(dtype), idx, w)
-                if m.gate_up_proj.dtype != torch.bfloat16:
-                    m.impl = "loop"
-                m._autocast_patched = True
-                count += 1
-    return count
 
 
 @contextlib.contextmanager

@@ -22,8 +22,10 @@ import torch.nn.functional as F
 from nanoseek.config import ModelConfig
 from nanoseek.model.checkpoint import load_model, save_model
 from nanoseek.model.transformer import build_model
-from nanoseek.train.distributed import (EPExperts, clip_grad_norm, full_state_dict, init_distributed,
-                                        load_full_state_dict, prepare_model, to_single_process, unwrap)
+from nanoseek.train.distributed import (clip_grad_norm, full_state_dict, init_distributed, load_full_state_dict,
+                                        to_single_process)
+from nanoseek.train.expert_parallel import EPExperts
+from nanoseek.train.parallelize import parallelize, unwrap
 
 GLOBAL_BATCH, SEQ_LEN, LR = 4, 16, 3e-3
 CLIP = 0.5  # below the first steps' gradient norm, so clipping acts
@@ -66,9 +68,9 @@ def train(mode: str, steps: int, model_type: str = "deepseek_v2") -> dict:
     torch.manual_seed(0)
     cfg = tiny_moe(model_type)
     model = build_model(cfg, seed=0)
-    # the optimizer is made before prepare_model, as nanoseek.train.loop does
+    # the optimizer is made before parallelize, as nanoseek.train.loop does
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-    model = prepare_model(model, ctx, expert_parallel=(mode == "ep"))
+    model = parallelize(model, ctx, expert_parallel=(mode == "ep"))
     if GLOBAL_BATCH % ctx.world_size:
         raise ValueError(f"global batch {GLOBAL_BATCH} is not divisible by world_size={ctx.world_size}")
     b = GLOBAL_BATCH // ctx.world_size
@@ -93,7 +95,7 @@ def train(mode: str, steps: int, model_type: str = "deepseek_v2") -> dict:
     shared = [state]
     if ctx.distributed:
         torch.distributed.broadcast_object_list(shared, src=0)
-    fresh = prepare_model(build_model(cfg, seed=1), ctx, expert_parallel=(mode == "ep"))
+    fresh = parallelize(build_model(cfg, seed=1), ctx, expert_parallel=(mode == "ep"))
     load_full_state_dict(fresh, shared[0])
     with torch.no_grad():
         result["reloaded_loss"] = ctx.all_reduce_mean(lm_loss(fresh, x[mine], y[mine])).item()

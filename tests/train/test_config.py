@@ -37,6 +37,28 @@ def test_resume_keeps_the_saved_settings_and_applies_given_flags(tmp_path):
     assert cfg.replace(lr=0.02).resume_differences(saved) == ["lr: saved 0.01, now 0.02"]
 
 
+def test_resume_of_a_folder_without_a_run_says_so(tmp_path, capsys):
+    """Issue 12 item 10: not "--model-config is required"."""
+    from nanoseek import cli
+
+    with pytest.raises(ValueError, match=f"--resume: no run/checkpoint in {tmp_path}"):
+        from_args(parser().parse_args(["--out", str(tmp_path), "--resume"]))
+    assert cli.main(["train", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "no run/checkpoint in" in err and "nothing" in err and "required" not in err
+
+
+def test_resume_compares_paths_resolved_and_ignores_where_the_run_is(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    saved = TrainConfig(model_config="m.json", data=str(tmp_path / "d"), out="/somewhere/else/run")
+    now = saved.replace(data="./d/", model_config=str(tmp_path / "m.json"), out="copy/")
+    assert now.resume_differences(saved) == []
+    assert now.replace(data="other").resume_differences(saved) == [f"data: saved {str(tmp_path / 'd')!r}, now 'other'"]
+    saved.save(tmp_path)
+    assert TrainConfig.load(tmp_path).out == str(tmp_path)  # a loaded run is where its folder is
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(batch_size=0), "batch_size=0 must be >= 1"),
     (dict(warmup_steps=50, max_steps=10), "warmup_steps=50 exceeds max_steps=10"),

@@ -20,8 +20,9 @@ import torch
 
 from nanoseek.model.moe import Experts
 from nanoseek.model.transformer import build_model
-from nanoseek.train.distributed import (DistContext, expert_slice, init_distributed, prepare_model,
-                                        unwrap)
+from nanoseek.train.distributed import DistContext, init_distributed
+from nanoseek.train.expert_parallel import expert_slice
+from nanoseek.train.parallelize import parallelize, unwrap
 from tests.train.dist_worker import tiny_moe, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,7 +108,7 @@ def test_single_process_context_without_torchrun(monkeypatch):
     assert ctx.all_reduce_mean(t) is t and t.tolist() == [3.0, 5.0]
     ctx.barrier()
     model = build_model(tiny_moe(), seed=0)
-    same = prepare_model(model, ctx, expert_parallel=True)
+    same = parallelize(model, ctx, expert_parallel=True)
     assert unwrap(same) is model and all(type(m) is Experts for m in model.modules()
                                          if isinstance(m, Experts))
 
