@@ -98,7 +98,7 @@ def register_console_routes(app: FastAPI, state: ServeState) -> None:
                 return e.response()
             except KeyNotFound as e:
                 return error_response(404, str(e))
-            except (AccountsError, ValueError) as e:
+            except AccountsError as e:  # a bad amount, name or limit
                 return error_response(400, str(e))
         return run
 
