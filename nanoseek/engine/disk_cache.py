@@ -10,6 +10,7 @@ token before it), written to a temporary name and renamed, so a crash never leav
 whole. Each file records the fingerprint, shape and dtype; a file that fails any check (another
 model, truncated, corrupt) is deleted and treated as a miss, never trusted. Files are evicted
 least-recently-used first (by modification time, refreshed on every hit) above `max_bytes`.
+A folder it creates is private (0700), and so is each block file (0600): they hold what tenants sent.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class DiskCache:
     def __init__(self, root: str | os.PathLike, fingerprint: str, max_bytes: int = 2 ** 30,
                  block_shape: tuple[int, int, int] | None = None, dtype: torch.dtype | None = None):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, exist_ok=True)
         self.fingerprint, self.max_bytes = fingerprint, max_bytes
         self.block_shape, self.dtype = block_shape, dtype
         self._staged: dict[str, torch.Tensor] = {}

@@ -19,25 +19,30 @@ is the token for that, so a second settle of the same request finds no hold and 
 reserved. Invariants, checked by `audit()`: balance = topups - ledger, held = sum(open holds),
 0 <= held <= balance.
 
-Holds live in the database, not in memory. A crashed server leaves its holds behind; the app
-calls `release_stale_holds()` at start (all holds, for a single server; with several replicas
-on one PostgreSQL, pass a max_age longer than the longest request).
+Holds live in the database, not in memory, and belong to the server instance that took them
+(`instance_id`), which keeps a lease on the ledger (leases.py). A server records a request's
+usage on its hold as it goes (`record_progress`). When a server dies, the others (or its own
+restart) find its lease expired and settle each of its holds at the last recorded usage, or
+release it when nothing was recorded (`settle_orphans`). A live server's holds are never touched.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+import uuid
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, literal, select
+from sqlalchemy import Engine, and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 
-from .db import DEFAULT_DB, Money, api_keys, holds, ledger, open_engine, read_only, topups, utcnow
+from . import leases as lease
+from .db import DEFAULT_DB, api_keys, holds, ledger, leases, money, open_engine, read_only, topups, utcnow
 from .pricing import MONEY_PLACES, UnitPrices, format_money, request_cost, to_decimal
 
 SECRET_PREFIX = "sk-"
@@ -97,6 +102,9 @@ class Key:
         return self.revoked_at is None
 
 
+KeyRef = Key | int | str
+
+
 @dataclass(frozen=True)
 class Reservation:
     key_id: int
@@ -111,6 +119,17 @@ class Usage:
     cache_hit_tokens: int
     cache_miss_tokens: int
     output_tokens: int
+
+
+@dataclass(frozen=True)
+class OrphanReport:
+    """What settle_orphans did: holds settled at their recorded usage, holds released (nothing
+    recorded), the dead instances whose leases it ended, and the output tokens it billed."""
+
+    settled: int = 0
+    released: int = 0
+    instances: int = 0
+    output_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -152,12 +171,6 @@ def parse_amount(value: Any, name: str = "amount", *, positive: bool = False) ->
     return d
 
 
-def _money(amount: Decimal):
-    # explicit type: arithmetic on Money columns yields plain BigInteger expressions, which would
-    # bind a Decimal unscaled (0.5 instead of 500000000 units) in a comparison
-    return literal(amount, type_=Money)
-
-
 def _key(row) -> Key:
     return Key(row.id, row.name, row.key_prefix, row.balance, row.held, row.created_at, row.revoked_at)
 
@@ -171,8 +184,13 @@ def _ledger_row(row) -> LedgerRow:
 class Accounts:
     """Keys, holds and the ledger over one SQLAlchemy engine; safe to share between threads."""
 
-    def __init__(self, url: str | Engine = DEFAULT_DB):
+    def __init__(self, url: str | Engine = DEFAULT_DB, *, instance_id: str | None = None,
+                 lease_ttl_s: float = lease.DEFAULT_TTL_S):
         self.engine = url if isinstance(url, Engine) else open_engine(url)
+        # the holds this object takes belong to this instance; its lease is taken at the first
+        # reservation (or by a LeaseKeeper) and lives lease_ttl_s after each renewal
+        self.instance_id = instance_id or uuid.uuid4().hex
+        self.lease_ttl_s = lease_ttl_s
 
     def close(self) -> None:
         self.engine.dispose()
@@ -198,44 +216,53 @@ class Accounts:
             raise AccountsError(f"a key named {name!r} already exists") from None
         return self.get_key(key_id), secret
 
-    def get_key(self, name_or_id: str | int) -> Key:
+    def get_key(self, ref: KeyRef, by: str | None = None) -> Key:
+        """The key `ref` names: an int or by="id" is an id, by="name" a name; a string otherwise is
+        a name, or an id when it is digits that name no key, and refused when it could be both."""
         with read_only(self.engine.connect()) as conn:
-            return _key(self._find(conn, name_or_id))
+            return _key(self._find(conn, ref, by))
 
     def list_keys(self) -> list[Key]:
         with read_only(self.engine.connect()) as conn:
             return [_key(r) for r in conn.execute(select(api_keys).order_by(api_keys.c.id))]
 
-    def _find(self, conn, name_or_id: str | int, lock: bool = False):
-        q = select(api_keys)
-        if isinstance(name_or_id, int):
-            cond = api_keys.c.id == name_or_id
-        elif name_or_id.isdigit():  # a name made of digits still wins over an id
-            cond = (api_keys.c.name == name_or_id) | (api_keys.c.id == int(name_or_id))
-        else:
-            cond = api_keys.c.name == name_or_id
-        q = q.where(cond).order_by((api_keys.c.name == str(name_or_id)).desc()).limit(1)
-        row = conn.execute(q.with_for_update() if lock else q).first()
-        if row is None:
-            raise KeyNotFound(f"no API key named or numbered {name_or_id!r}")
-        return row
+    def _find(self, conn, ref: KeyRef, by: str | None = None, lock: bool = False):
+        if isinstance(ref, Key):
+            ref, by = ref.id, "id"
+        if by not in (None, "id", "name"):
+            raise ValueError(f"by={by!r}: expected 'id', 'name' or None")
+        text = str(ref).strip()
+        as_id = by == "id" or (by is None and (isinstance(ref, int) or text.isdigit()))
+        as_name = by == "name" or (by is None and not isinstance(ref, int))
+        if as_id and not text.isdigit():
+            raise KeyNotFound(f"key id {ref!r} is not a number")
+        conds = ([api_keys.c.id == int(text)] if as_id else []) + ([api_keys.c.name == text] if as_name else [])
+        q = select(api_keys).where(or_(*conds)).order_by(api_keys.c.id)
+        rows = conn.execute(q.with_for_update() if lock else q).all()
+        if not rows:
+            what = {"id": "with id", "name": "named"}.get(by, "named or numbered")
+            raise KeyNotFound(f"no API key {what} {ref!r}")
+        if len(rows) > 1:
+            raise AccountsError(f"{ref!r} is ambiguous: key id {text} is {rows[0].name!r} but another key is "
+                                f"named {text!r}; say which (--id {text} or --name {text})")
+        return rows[0]
 
-    def topup(self, name_or_id: str | int, amount: Any, note: str = "top-up") -> Key:
+    def topup(self, ref: KeyRef, amount: Any, note: str = "top-up", by: str | None = None) -> Key:
         amount = parse_amount(amount, "amount", positive=True)
         with self.engine.begin() as conn:
-            row = self._find(conn, name_or_id, lock=True)
+            row = self._find(conn, ref, by, lock=True)
             if row.balance + amount > MAX_AMOUNT:
                 raise AccountsError(f"balance {row.balance} + {amount} would exceed {MAX_AMOUNT}")
             conn.execute(api_keys.update().where(api_keys.c.id == row.id)
-                         .values(balance=api_keys.c.balance + _money(amount)))
+                         .values(balance=api_keys.c.balance + money(amount)))
             conn.execute(topups.insert().values(key_id=row.id, amount=amount, note=note,
                                                 created_at=utcnow()))
         return self.get_key(row.id)
 
-    def revoke(self, name_or_id: str | int) -> Key:
+    def revoke(self, ref: KeyRef, by: str | None = None) -> Key:
         """Stops the key authenticating; requests already admitted still settle."""
         with self.engine.begin() as conn:
-            row = self._find(conn, name_or_id, lock=True)
+            row = self._find(conn, ref, by, lock=True)
             if row.revoked_at is None:
                 conn.execute(api_keys.update().where(api_keys.c.id == row.id).values(revoked_at=utcnow()))
         return self.get_key(row.id)
@@ -264,6 +291,7 @@ class Accounts:
         if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_REQUEST_ID:
             raise AccountsError(f"request_id {request_id!r} must be 1..{MAX_REQUEST_ID} characters")
         amount = parse_amount(max_cost, "max_cost")
+        now = utcnow()
         with self.engine.begin() as conn:
             if conn.execute(select(ledger.c.id).where(ledger.c.request_id == request_id)).first():
                 raise DuplicateRequest(f"request {request_id!r} was already billed")
@@ -271,50 +299,67 @@ class Accounts:
             taken = conn.execute(
                 api_keys.update()
                 .where(and_(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None),
-                            api_keys.c.balance >= api_keys.c.held + _money(amount)))
-                .values(held=api_keys.c.held + _money(amount))).rowcount
+                            api_keys.c.balance >= api_keys.c.held + money(amount)))
+                .values(held=api_keys.c.held + money(amount))).rowcount
             if taken != 1:
                 row = self._find(conn, key_id)
                 if row.revoked_at is not None:
                     raise KeyRevoked(f"API key {row.name!r} was revoked at {row.revoked_at.isoformat()}")
                 raise InsufficientBalance(row.name, row.balance, row.held, amount)
+            lease.ensure_live(conn, self.instance_id, self.lease_ttl_s, now)
             try:  # on failure the transaction, and with it the hold above, rolls back
-                conn.execute(holds.insert().values(request_id=request_id, key_id=key_id,
-                                                   amount=amount, created_at=utcnow()))
+                conn.execute(holds.insert().values(
+                    request_id=request_id, key_id=key_id, amount=amount, created_at=now,
+                    instance_id=self.instance_id, model=model, price_input_hit=prices.input_hit,
+                    price_input_miss=prices.input_miss, price_output=prices.output))
             except IntegrityError:
                 raise DuplicateRequest(f"request {request_id!r} already holds a reservation") from None
         return Reservation(key_id, request_id, amount, prices, model)
 
+    def record_progress(self, reservation: Reservation, usage: Usage) -> bool:
+        """Write the usage so far onto the hold, so that if this server dies the request is settled
+        at it. False when the hold is gone (settled, released, or taken as an orphan)."""
+        r = reservation
+        with self.engine.begin() as conn:
+            return conn.execute(holds.update().where(and_(
+                holds.c.request_id == r.request_id, holds.c.key_id == r.key_id,
+                holds.c.instance_id == self.instance_id, holds.c.output_tokens <= usage.output_tokens))
+                .values(cache_hit_tokens=usage.cache_hit_tokens, cache_miss_tokens=usage.cache_miss_tokens,
+                        output_tokens=usage.output_tokens, progress_at=utcnow())).rowcount == 1
+
     def settle(self, reservation: Reservation, usage: Usage) -> LedgerRow:
         """Bill the request: ledger row + debit + hold released, in one transaction."""
         r = reservation
-        cost = request_cost(r.prices, usage.cache_hit_tokens, usage.cache_miss_tokens, usage.output_tokens)
         with self.engine.begin() as conn:
             hold = self._take_hold(conn, r)
-            amount = min(cost, hold.amount)  # the reservation is the ceiling the client agreed to
-            try:
-                row_id = self._insert_ledger(conn, r, usage, amount)
-            except IntegrityError:  # only reachable when a request id was reused; rolls back
-                raise DuplicateRequest(f"request {r.request_id!r} was already billed") from None
-            conn.execute(api_keys.update().where(api_keys.c.id == r.key_id).values(
-                balance=api_keys.c.balance - _money(amount), held=api_keys.c.held - _money(hold.amount)))
+            row_id = self._bill(conn, hold, r.prices, r.model, usage)
             return _ledger_row(conn.execute(select(ledger).where(ledger.c.id == row_id)).one())
 
     @staticmethod
-    def _insert_ledger(conn, r: Reservation, usage: Usage, amount: Decimal) -> int:
-        return conn.execute(ledger.insert().values(
-                key_id=r.key_id, request_id=r.request_id, model=r.model,
+    def _bill(conn, hold, prices: UnitPrices, model: str, usage: Usage) -> int:
+        """Ledger row + debit for a hold already taken; the hold's amount is the ceiling the client
+        agreed to. Returns the ledger row's id."""
+        cost = request_cost(prices, usage.cache_hit_tokens, usage.cache_miss_tokens, usage.output_tokens)
+        amount = min(cost, hold.amount)
+        try:
+            row_id = conn.execute(ledger.insert().values(
+                key_id=hold.key_id, request_id=hold.request_id, model=model,
                 cache_hit_tokens=usage.cache_hit_tokens, cache_miss_tokens=usage.cache_miss_tokens,
-                output_tokens=usage.output_tokens, price_input_hit=r.prices.input_hit,
-                price_input_miss=r.prices.input_miss, price_output=r.prices.output,
-            amount=amount, created_at=utcnow())).inserted_primary_key[0]
+                output_tokens=usage.output_tokens, price_input_hit=prices.input_hit,
+                price_input_miss=prices.input_miss, price_output=prices.output,
+                amount=amount, created_at=utcnow())).inserted_primary_key[0]
+        except IntegrityError:  # only reachable when a request id was reused; rolls back
+            raise DuplicateRequest(f"request {hold.request_id!r} was already billed") from None
+        conn.execute(api_keys.update().where(api_keys.c.id == hold.key_id).values(
+            balance=api_keys.c.balance - money(amount), held=api_keys.c.held - money(hold.amount)))
+        return row_id
 
     def release(self, reservation: Reservation) -> None:
         """Give the hold back without charging (the request failed before producing anything)."""
         with self.engine.begin() as conn:
             hold = self._take_hold(conn, reservation)
             conn.execute(api_keys.update().where(api_keys.c.id == reservation.key_id)
-                         .values(held=api_keys.c.held - _money(hold.amount)))
+                         .values(held=api_keys.c.held - money(hold.amount)))
 
     def _take_hold(self, conn, r: Reservation):
         """Lock and delete the request's hold; whoever deletes it is the only one to bill it."""
@@ -325,23 +370,67 @@ class Accounts:
             holds.delete().where(holds.c.request_id == r.request_id)).rowcount != 1
         if gone:
             billed = conn.execute(select(ledger.c.id).where(ledger.c.request_id == r.request_id)).first()
-            state = "was already settled" if billed else "has no open reservation (released or stale)"
-            raise NotReserved(f"request {r.request_id!r} {state}; nothing charged")
+            state = ("was already settled (by this server, or by another at its recorded progress)" if billed
+                     else "has no open reservation (released, or released as an orphan)")
+            raise NotReserved(f"request {r.request_id!r} {state}; nothing charged now")
         return hold
 
-    def release_stale_holds(self, max_age_s: float = 0.0) -> int:
-        """Release holds older than max_age_s (0: all of them); returns how many."""
-        cutoff = utcnow() - timedelta(seconds=max_age_s)
-        released = 0
+    # ------------------------------------------------------------------ leases and orphans
+    def renew_lease(self, ttl_s: float | None = None) -> bool:
+        """Extend this instance's lease (LeaseKeeper calls it); False when it had ended."""
+        if ttl_s is not None:
+            self.lease_ttl_s = ttl_s
         with self.engine.begin() as conn:
-            stale = conn.execute(select(holds).where(holds.c.created_at <= cutoff)
-                                 .order_by(holds.c.key_id).with_for_update()).all()
-            for h in stale:
-                conn.execute(holds.delete().where(holds.c.request_id == h.request_id))
-                conn.execute(api_keys.update().where(api_keys.c.id == h.key_id)
-                             .values(held=api_keys.c.held - _money(h.amount)))
-                released += 1
-        return released
+            return lease.renew(conn, self.instance_id, self.lease_ttl_s, utcnow())
+
+    def end_lease(self) -> OrphanReport:
+        """Clean shutdown: expire the lease and settle what this instance still holds."""
+        with self.engine.begin() as conn:
+            lease.expire(conn, self.instance_id, utcnow())
+        return self.settle_orphans()
+
+    def settle_orphans(self) -> OrphanReport:
+        """Settle every hold no live lease covers (its server died, or it predates leases) at its
+        recorded usage, or release it when nothing was recorded; end the dead leases."""
+        now = utcnow()
+        with read_only(self.engine.connect()) as conn:  # the common case: nothing to do, no write lock
+            if not conn.execute(select(holds.c.request_id).where(self._orphaned(now)).limit(1)).first() \
+                    and not conn.execute(select(leases.c.instance_id).where(leases.c.expires_at < now)
+                                         .limit(1)).first() and not self._maybe_local_dead(conn, now):
+                return OrphanReport()
+        settled = released = tokens = 0
+        with self.engine.begin() as conn:
+            dead = lease.dead_instances(conn, now)  # locked: their servers cannot add holds meanwhile
+            for h in conn.execute(select(holds).where(self._orphaned(now)).order_by(holds.c.key_id)
+                                  .with_for_update()).all():
+                if conn.execute(holds.delete().where(holds.c.request_id == h.request_id)).rowcount != 1:
+                    continue
+                if h.output_tokens > 0 and h.price_output is not None:
+                    prices = UnitPrices(h.price_input_hit, h.price_input_miss, h.price_output)
+                    self._bill(conn, h, prices, h.model,
+                               Usage(h.cache_hit_tokens, h.cache_miss_tokens, h.output_tokens))
+                    settled, tokens = settled + 1, tokens + h.output_tokens
+                else:
+                    conn.execute(api_keys.update().where(api_keys.c.id == h.key_id)
+                                 .values(held=api_keys.c.held - money(h.amount)))
+                    released += 1
+            if dead:
+                conn.execute(leases.delete().where(and_(leases.c.instance_id.in_(dead),
+                                                        leases.c.expires_at < now)))
+        return OrphanReport(settled, released, len(dead), tokens)
+
+    @staticmethod
+    def _orphaned(now: datetime):
+        live = select(leases.c.instance_id).where(leases.c.expires_at >= now)
+        return or_(holds.c.instance_id.is_(None), holds.c.instance_id.not_in(live))
+
+    def _maybe_local_dead(self, conn, now: datetime) -> bool:
+        """A live-looking lease on this machine whose process is gone (checked without locks)."""
+        me = lease.local_identity()
+        if "/" not in me:
+            return False
+        rows = conn.execute(select(leases.c.pid).where(and_(leases.c.host == me, leases.c.expires_at >= now)))
+        return any(pid != os.getpid() and not lease.pid_alive(pid) for (pid,) in rows)
 
     # ------------------------------------------------------------------ reading
     def ledger(self, key: Key | int | None = None, limit: int | None = None) -> list[LedgerRow]:

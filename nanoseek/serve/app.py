@@ -10,9 +10,9 @@ in core.py; shared state and errors in state.py), GET /v1/models,
 console at / and its JSON under /v1/dashboard/ (routes_console.py). Every
 error answers in OpenAI's shape {"error": {"message", "type", "param", "code"}}.
 
-At start the app releases holds a crashed predecessor left behind (one server per database by
-default; with several replicas pass `stale_hold_age_s` longer than the longest request), so a
-restart keeps balances and the ledger and frees nothing twice.
+While it runs the app keeps a lease on the accounts database (leases.py): at start, and every
+lease_ttl_s/3 after, it settles the holds of servers whose lease expired at their recorded usage,
+and never touches a live server's, so replicas and blue/green restarts share one database.
 """
 
 from __future__ import annotations
@@ -40,14 +40,16 @@ def create_app(state: ServeState) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        released = await asyncio.to_thread(state.accounts.release_stale_holds, state.config.stale_hold_age_s)
-        if released:
-            print(f"released {released} holds left by an earlier server", flush=True)
+        from .leases import LeaseKeeper
+
+        keeper = LeaseKeeper(state.accounts, state.config.lease_ttl_s)
+        await asyncio.to_thread(keeper.start)
         state.engine.start()
         try:
             yield
         finally:
             state.engine.shutdown()
+            await asyncio.to_thread(keeper.stop)
 
     app = FastAPI(title="nanoseek", version="0.1.0", lifespan=lifespan)
     app.state.serve = state

@@ -55,9 +55,15 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                         "(default: $NANOSEEK_DB or sqlite:///runs/nanoseek.db)")
     g.add_argument("--cache-dir", default=None, help="on-disk context cache folder (default: none)")
     g.add_argument("--model-name", default="", help="the model id clients send (default: the folder's name)")
-    g.add_argument("--stale-hold-age", type=float, default=0.0, metavar="SECONDS",
-                   help="at start, release holds older than this (default 0: all, right for one server; "
-                        "with replicas on one PostgreSQL, longer than the longest request)")
+    g.add_argument("--lease-ttl", type=float, default=30.0, metavar="SECONDS",
+                   help="this server's lease on the database lives this long after each renewal (every "
+                        "third of it); holds of a server whose lease expired are settled by the others "
+                        "(default 30)")
+    g.add_argument("--record-every-tokens", type=int, default=32, metavar="K",
+                   help="write a request's usage so far onto its hold every K output tokens (default 32)")
+    g.add_argument("--record-every-s", type=float, default=2.0, metavar="S",
+                   help="... or every S seconds, whichever comes first (default 2)")
+    g.add_argument("--stale-hold-age", type=float, default=None, help=argparse.SUPPRESS)  # deprecated
     lim = p.add_argument_group("limits (per key; 0 = unlimited)")
     lim.add_argument("--rpm", type=float, default=600, help="requests per minute (default 600)")
     lim.add_argument("--tpm", type=float, default=1_000_000, help="tokens per minute (default 1e6)")
@@ -142,6 +148,14 @@ def cmd_calibrate(args) -> int:
 def _serve_config(args, model_dir: Path, name: str):
     from .app import ServeConfig
 
+    if args.stale_hold_age is not None:
+        print("warning: --stale-hold-age is deprecated and ignored: holds now belong to a server's lease "
+              "and are settled once it expires (see --lease-ttl)", file=sys.stderr, flush=True)
+    for flag, value in (("--lease-ttl", args.lease_ttl), ("--record-every-tokens", args.record_every_tokens),
+                        ("--record-every-s", args.record_every_s)):
+        if not value > 0:
+            raise SystemExit(f"error: {flag}={value} must be > 0")
+
     def lim(v):
         return v or None
 
@@ -151,7 +165,8 @@ def _serve_config(args, model_dir: Path, name: str):
                        max_num_batched_tokens=getattr(args, "max_num_batched_tokens", 2048),
                        max_model_len=getattr(args, "max_model_len", None), requests_per_minute=lim(args.rpm),
                        tokens_per_minute=lim(args.tpm), max_concurrent=lim(args.max_concurrent),
-                       max_queue=lim(args.max_queue), stale_hold_age_s=args.stale_hold_age)
+                       max_queue=lim(args.max_queue), lease_ttl_s=args.lease_ttl,
+                       record_every_tokens=args.record_every_tokens, record_every_s=args.record_every_s)
 
 
 def serve(config, host: str, port: int) -> None:

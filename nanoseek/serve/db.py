@@ -5,7 +5,8 @@
     engine = open_engine("postgresql+psycopg://user@127.0.0.1/db")  # PostgreSQL
 
 `open_engine` creates missing tables and records SCHEMA_VERSION in `schema_version`; a later
-version adds its step to MIGRATIONS. Money is stored as an exact integer count of
+version adds its step to MIGRATIONS. A new SQLite file is created readable by its owner only
+(0600): it holds the key hashes and every tenant's usage. Money is stored as an exact integer count of
 1e-9 currency units (`Money`), because SQLite's NUMERIC silently becomes a float; Python sees
 `Decimal` either way. SQLite write transactions start with BEGIN IMMEDIATE so that two
 writers serialise instead of failing on lock upgrade; PostgreSQL uses row locks.
@@ -13,19 +14,20 @@ writers serialise instead of failing on lock upgrade; PostgreSQL uses row locks.
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Callable
 
-from sqlalchemy import (BigInteger, Boolean, CheckConstraint, Column, DateTime, Engine, ForeignKey, Integer,
-                        MetaData, String, Table, create_engine, event, select, text)
+from sqlalchemy import (BigInteger, Boolean, CheckConstraint, Column, DateTime, Engine, ForeignKey, Index,
+                        Integer, MetaData, String, Table, create_engine, event, inspect, literal, select, text)
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.types import TypeDecorator
 
 from .pricing import MONEY_PLACES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA_LOCK_ID = 0x6E616E6F  # "nano": the advisory lock serialising schema changes on PostgreSQL
 DEFAULT_DB = "sqlite:///runs/nanoseek.db"
 
@@ -53,6 +55,12 @@ class Money(TypeDecorator):
         if value is None:
             return None
         return Decimal(int(value)).scaleb(-MONEY_PLACES)
+
+
+def money(amount: Decimal):
+    """A Money bind parameter. Explicit type: arithmetic on Money columns yields plain BigInteger
+    expressions, which would bind a Decimal unscaled (0.5 instead of 500000000 units)."""
+    return literal(amount, type_=Money)
 
 
 class UTCDateTime(TypeDecorator):
@@ -101,14 +109,36 @@ api_keys = Table(
     CheckConstraint("held >= 0 AND held <= balance", name="ck_api_keys_held_covered"),
 )
 
+# one row per running server instance; a hold whose instance has no live lease is an orphan
+leases = Table(
+    "leases", metadata,
+    Column("instance_id", String(64), primary_key=True),
+    Column("host", String(255), nullable=False),       # hostname/boot id/pid namespace, or hostname
+    Column("pid", Integer, nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False, index=True),
+)
+
 holds = Table(
     "holds", metadata,
     Column("request_id", String(128), primary_key=True),
     Column("key_id", Integer, ForeignKey("api_keys.id"), nullable=False, index=True),
     Column("amount", Money, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+    # schema 2: the instance holding it, the prices it was admitted at, and the usage recorded so far,
+    # so that another server can settle it if this one dies (NULL instance: a schema-1 hold, an orphan)
+    Column("instance_id", String(64), nullable=True),
+    Column("model", String(128), nullable=False, server_default=""),
+    Column("price_input_hit", Money, nullable=True),
+    Column("price_input_miss", Money, nullable=True),
+    Column("price_output", Money, nullable=True),
+    Column("cache_hit_tokens", Integer, nullable=False, server_default="0"),
+    Column("cache_miss_tokens", Integer, nullable=False, server_default="0"),
+    Column("output_tokens", Integer, nullable=False, server_default="0"),
+    Column("progress_at", UTCDateTime, nullable=True),
     CheckConstraint("amount >= 0", name="ck_holds_amount_nonneg"),
 )
+Index("ix_holds_instance_id", holds.c.instance_id)
 
 ledger = Table(
     "ledger", metadata,
@@ -161,8 +191,31 @@ admin_log = Table(
     Column("created_at", UTCDateTime, nullable=False),
 )
 
+
+def _add_missing_columns(conn: Connection, table: Table) -> None:
+    """ALTER TABLE ... ADD COLUMN for each column of `table` the database lacks (with its default)."""
+    have = {c["name"] for c in inspect(conn).get_columns(table.name)}
+    for col in table.columns:
+        if col.name in have:
+            continue
+        ddl = f"ALTER TABLE {table.name} ADD COLUMN {col.name} {col.type.compile(dialect=conn.dialect)}"
+        if col.server_default is not None:
+            ddl += f" DEFAULT '{col.server_default.arg}'"
+        if not col.nullable:
+            ddl += " NOT NULL"
+        conn.execute(text(ddl))
+
+
+def _migrate_2(conn: Connection) -> None:
+    """Leases: holds gain their instance, prices and recorded progress (the leases table itself is
+    new, so create_all has made it)."""
+    _add_missing_columns(conn, holds)
+    for index in holds.indexes:
+        index.create(conn, checkfirst=True)
+
+
 # version -> step that upgrades a database from version-1 to version; run in one transaction
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _migrate_2}
 
 
 def normalize_url(url: str) -> str:
@@ -205,13 +258,23 @@ def _sqlite_pragmas(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _create_private_file(path: Path) -> None:
+    """Create an empty SQLite file readable by its owner only; an existing file is left as it is.
+    SQLite gives its -wal and -shm files the database file's mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
 def open_engine(url: str = DEFAULT_DB, *, create: bool = True) -> Engine:
     """An engine with the schema in place (created or migrated unless create=False)."""
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            _create_private_file(Path(parsed.database))
         engine = create_engine(url, connect_args={"timeout": 30})
         _sqlite_pragmas(engine)
     elif parsed.get_backend_name() == "postgresql":

@@ -4,8 +4,8 @@
     nanoseek keys create --name root --admin            # an admin key (the console's admin page)
     nanoseek keys limits alice --rpm 60 --tpm default --concurrency 2   # 0: unlimited
     nanoseek keys list [--json]                          # never shows secrets
-    nanoseek keys topup alice 5.50
-    nanoseek keys revoke alice
+    nanoseek keys topup --name alice 5.50                 # or --id 3; a bare KEY is a name or an id,
+    nanoseek keys revoke --id 3                           #   refused when it could be either
     nanoseek price show [--prices runs/prices.json] [--json]
     nanoseek price set --hardware-cost-per-hour 2.5 --prefill-tps 9000 --cached-tps 90000 \\
         --decode-tps 1200 --decode-batch-size 32 [--margin 0.10]
@@ -32,6 +32,27 @@ def _add_db(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=None, metavar="URL",
                    help="sqlite:///FILE, a file path, or postgresql+psycopg://... "
                         "(default: $NANOSEEK_DB or sqlite:///runs/nanoseek.db)")
+
+
+def _add_key_ref(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--id", type=int, default=None, help="the key's id (as `keys list` shows it)")
+    g.add_argument("--name", default=None, help="the key's name")
+    p.add_argument("key", metavar="KEY", nargs="?", default=None,
+                   help="a name, or an id when no key has that name; refused when it is one key's "
+                        "name and another's id")
+
+
+def _key_ref(args) -> tuple[str | int, str | None]:
+    """(reference, by) for Accounts from --id, --name or the bare KEY; exactly one is needed."""
+    given = [(args.id, "id"), (args.name, "name"), (args.key, None)]
+    given = [(v, by) for v, by in given if v is not None]
+    if len(given) != 1:
+        from .accounts import AccountsError
+
+        raise AccountsError("name the key once: --id N, --name NAME or a bare KEY"
+                            + (f" (got {len(given)})" if given else ""))
+    return given[0]
 
 
 def price_commands(subparsers) -> argparse._SubParsersAction:
@@ -62,13 +83,13 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_list)
 
     p = ks.add_parser("topup", help="add to a key's balance")
-    p.add_argument("key", metavar="NAME_OR_ID")
+    _add_key_ref(p)
     p.add_argument("amount", metavar="AMOUNT", help="an exact decimal > 0")
     _add_db(p)
     p.set_defaults(func=cmd_topup)
 
     p = ks.add_parser("revoke", help="stop a key from authenticating")
-    p.add_argument("key", metavar="NAME_OR_ID")
+    _add_key_ref(p)
     _add_db(p)
     p.set_defaults(func=cmd_revoke)
 
@@ -168,11 +189,15 @@ def _change(args, action) -> int:
 
 
 def cmd_topup(args) -> int:
-    return _change(args, lambda acc: acc.topup(args.key, args.amount))
+    def topup(acc):
+        ref, by = _key_ref(args)
+        return acc.topup(ref, args.amount, by=by)
+
+    return _change(args, topup)
 
 
 def cmd_revoke(args) -> int:
-    return _change(args, lambda acc: acc.revoke(args.key))
+    return _change(args, lambda acc: acc.revoke(*_key_ref(args)))
 
 
 def cmd_price_show(args) -> int:

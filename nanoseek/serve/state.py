@@ -53,7 +53,11 @@ class ServeConfig:
     # requests
     default_max_tokens: int = 512        # when a request names no max_tokens (bounds its hold)
     keepalive_s: float = 5.0             # SSE comment while a streamed request waits
-    stale_hold_age_s: float = 0.0        # holds older than this are released at start (0: all)
+    # billing across crashes: the lease other servers must see expire before settling our holds,
+    # and how often a request's usage so far is written onto its hold (every K tokens or S seconds)
+    lease_ttl_s: float = 30.0
+    record_every_tokens: int = 32
+    record_every_s: float = 2.0
 
     def limits(self) -> KeyLimits:
         return KeyLimits(self.requests_per_minute, self.tokens_per_minute, self.max_concurrent)

@@ -53,6 +53,7 @@ def test_topup_and_revoke_by_name_or_id(accounts, prices):
     key, secret = accounts.create_key("alice", "1")
     assert accounts.topup("alice", "2.25").balance == D("3.25")
     assert accounts.topup(str(key.id), "0.000000001").balance == D("3.250000001")
+    assert accounts.topup(key.id, "1", by="id").balance == D("4.250000001")
     r = accounts.reserve(key, "before-revoke", D("0.5"), prices)
     assert accounts.revoke(str(key.id)).revoked_at is not None
     assert accounts.authenticate(secret) is None
@@ -122,24 +123,38 @@ def test_charge_never_exceeds_the_reservation(accounts, prices):
     assert accounts.get_key("alice").balance == 1 - r.amount and accounts.audit() == []
 
 
-def test_restart_keeps_balances_and_ledger_and_frees_stale_holds(db_url, prices):
+def test_restart_keeps_balances_and_ledger_and_settles_only_dead_holds(db_url, prices):
     acc = Accounts(db_url)
     key, secret = acc.create_key("alice", "2")
     acc.settle(acc.reserve(key, "done", D("0.5"), prices), Usage(100, 100, 100))
     acc.reserve(key, "in-flight", D("0.7"), prices)  # the server "crashes" holding this
     before, ledger_before = acc.get_key("alice"), acc.ledger()
+    dead = acc.instance_id
     acc.close()
 
     acc = Accounts(db_url)  # restart: schema already there, nothing recreated
     assert acc.authenticate(secret).id == key.id
     assert acc.ledger() == ledger_before and acc.get_key("alice") == before
-    assert acc.release_stale_holds(max_age_s=3600) == 0  # too young to be stale
-    assert acc.release_stale_holds() == 1
+    assert acc.settle_orphans().released == 0  # its lease has not expired: it may still be alive
+    expire_lease(acc, dead)
+    report = acc.settle_orphans()
+    assert (report.released, report.settled, report.instances) == (1, 0, 1)
     k = acc.get_key("alice")
     assert k.held == 0 and k.balance == before.balance and acc.audit() == []
     with acc.engine.connect() as conn:
         assert conn.execute(select(schema_version.c.version)).scalars().all() == [SCHEMA_VERSION]
     acc.close()
+
+
+def expire_lease(acc: Accounts, instance_id: str) -> None:
+    """What the clock does to a server that stopped renewing: its lease lies in the past."""
+    from datetime import timedelta
+
+    from nanoseek.serve.db import leases, utcnow
+
+    with acc.engine.begin() as conn:
+        assert conn.execute(leases.update().where(leases.c.instance_id == instance_id)
+                            .values(expires_at=utcnow() - timedelta(seconds=1))).rowcount == 1
 
 
 def test_newer_schema_is_refused(db_url):
@@ -295,3 +310,73 @@ def test_sqlite_readers_do_not_wait_for_a_writer(tmp_path, prices):
         assert acc.get_key("alice").balance == 1 and acc.audit() == []
     assert acc.get_key("renamed").id == key.id
     acc.close()
+
+
+def test_a_key_named_like_another_keys_id_is_refused_as_ambiguous(accounts):
+    first, _ = accounts.create_key("alice", "1")            # id 1 on a fresh database
+    named, _ = accounts.create_key(str(first.id), "2")      # a key named "1"
+    with pytest.raises(AccountsError, match=f"ambiguous.*--id {first.id} or --name {first.id}"):
+        accounts.topup(str(first.id), "1")
+    assert accounts.topup(str(first.id), "1", by="id").id == first.id
+    assert accounts.topup(str(first.id), "1", by="name").id == named.id
+    assert accounts.get_key(first.id).balance == 2 and accounts.get_key(named.id).balance == 3
+    assert accounts.get_key(str(named.id)).id == named.id    # digits that name no key: an id
+    with pytest.raises(KeyNotFound, match="no API key named '99'"):
+        accounts.get_key("99", by="name")
+    with pytest.raises(KeyNotFound, match="key id 'alice' is not a number"):
+        accounts.get_key("alice", by="id")
+    assert accounts.audit() == []
+
+
+def test_sqlite_file_is_created_private(tmp_path):
+    import stat
+
+    path = tmp_path / "sub" / "accounts.db"
+    acc = Accounts(str(path))
+    acc.create_key("alice", "1")  # writes through the WAL, which takes the file's mode
+    for f in [path] + [p for p in path.parent.iterdir() if p.name.startswith("accounts.db-")]:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    acc.close()
+
+
+def test_a_schema_1_database_is_migrated_and_its_holds_become_orphans(tmp_path, prices):
+    from sqlalchemy import create_engine
+
+    url = f"sqlite:///{tmp_path / 'v1.db'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:  # the tables as schema 1 made them
+        for ddl in SCHEMA_1:
+            conn.execute(text(ddl))
+        conn.execute(text("INSERT INTO schema_version VALUES (1, '2026-01-01 00:00:00')"))
+        conn.execute(text("INSERT INTO api_keys VALUES (1, 'alice', 'h', 'sk-', 1000000000, 100000000, "
+                          "'2026-01-01 00:00:00', NULL)"))
+        conn.execute(text("INSERT INTO topups VALUES (1, 1, 1000000000, '', '2026-01-01 00:00:00')"))
+        conn.execute(text("INSERT INTO holds VALUES ('old', 1, 100000000, '2026-01-01 00:00:00')"))
+    engine.dispose()
+    acc = Accounts(url)
+    with acc.engine.connect() as conn:
+        assert conn.execute(select(schema_version.c.version).order_by(schema_version.c.version)
+                            ).scalars().all() == [1, SCHEMA_VERSION]
+    assert acc.audit() == [] and acc.get_key("alice").held == D("0.1")
+    assert acc.settle_orphans().released == 1 and acc.get_key("alice").held == 0
+    r = acc.reserve(1, "new", D("0.1"), prices)
+    assert acc.record_progress(r, Usage(0, 1, 1)) and acc.settle(r, Usage(0, 1, 2)).output_tokens == 2
+    assert acc.audit() == []
+    acc.close()
+
+
+SCHEMA_1 = [
+    "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at DATETIME NOT NULL)",
+    "CREATE TABLE api_keys (id INTEGER PRIMARY KEY, name VARCHAR(64) NOT NULL UNIQUE, key_hash VARCHAR(64) "
+    "NOT NULL UNIQUE, key_prefix VARCHAR(16) NOT NULL, balance BIGINT NOT NULL, held BIGINT NOT NULL, "
+    "created_at DATETIME NOT NULL, revoked_at DATETIME)",
+    "CREATE TABLE holds (request_id VARCHAR(128) PRIMARY KEY, key_id INTEGER NOT NULL REFERENCES api_keys(id), "
+    "amount BIGINT NOT NULL, created_at DATETIME NOT NULL)",
+    "CREATE TABLE ledger (id INTEGER PRIMARY KEY, key_id INTEGER NOT NULL REFERENCES api_keys(id), "
+    "request_id VARCHAR(128) NOT NULL UNIQUE, model VARCHAR(128) NOT NULL, cache_hit_tokens INTEGER NOT NULL, "
+    "cache_miss_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, price_input_hit BIGINT NOT NULL, "
+    "price_input_miss BIGINT NOT NULL, price_output BIGINT NOT NULL, amount BIGINT NOT NULL, "
+    "created_at DATETIME NOT NULL)",
+    "CREATE TABLE topups (id INTEGER PRIMARY KEY, key_id INTEGER NOT NULL REFERENCES api_keys(id), "
+    "amount BIGINT NOT NULL, note VARCHAR(256) NOT NULL, created_at DATETIME NOT NULL)",
+]

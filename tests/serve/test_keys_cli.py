@@ -49,6 +49,10 @@ def test_keys_lifecycle(tmp_path, capsys):
     (["keys", "topup", "nobody", "1"], "no API key named or numbered 'nobody'"),
     (["keys", "topup", "carol", "0"], "amount=0 must be > 0"),
     (["keys", "revoke", "nobody"], "'nobody'"),
+    (["keys", "revoke", "--name", "nobody"], "no API key named 'nobody'"),
+    (["keys", "topup", "--id", "7", "1"], "no API key with id 7"),
+    (["keys", "topup", "--name", "carol", "carol", "1"], "name the key once"),
+    (["keys", "topup", "1"], "name the key once"),
 ])
 def test_bad_input_exits_2_with_the_reason(tmp_path, capsys, argv, fragment):
     db = str(tmp_path / "keys.db")  # a plain path means an SQLite file
@@ -57,6 +61,23 @@ def test_bad_input_exits_2_with_the_reason(tmp_path, capsys, argv, fragment):
     assert rc == 2 and fragment in err and out == ""
     acc = Accounts(db)
     assert [k.name for k in acc.list_keys()] == ["carol"] and acc.audit() == []
+    acc.close()
+
+
+def test_key_named_like_an_id_needs_id_or_name(tmp_path, capsys):
+    db = str(tmp_path / "keys.db")
+    for name in ("alice", "1"):  # "alice" has id 1; the key named "1" has id 2
+        assert run(capsys, "keys", "create", "--name", name, "--db", db)[0] == 0
+    rc, out, err = run(capsys, "keys", "topup", "1", "5", "--db", db)
+    assert rc == 2 and "ambiguous" in err and "--id 1 or --name 1" in err and out == ""
+    rc, out, _ = run(capsys, "keys", "topup", "--id", "1", "5", "--db", db)
+    assert rc == 0 and out.startswith("key 'alice' (id 1): balance 5.00")
+    rc, out, _ = run(capsys, "keys", "topup", "--name", "1", "2", "--db", db)
+    assert rc == 0 and out.startswith("key '1' (id 2): balance 2.00")
+    rc, out, _ = run(capsys, "keys", "revoke", "--id", "2", "--db", db)
+    assert rc == 0 and "key '1' (id 2)" in out and "revoked at" in out
+    acc = Accounts(db)
+    assert [(k.name, k.balance, k.active) for k in acc.list_keys()] == [("alice", 5, True), ("1", 2, False)]
     acc.close()
 
 
