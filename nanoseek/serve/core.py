@@ -11,7 +11,10 @@
     finally:
         await close_job(state, job, route, status)              # settle what was produced
 
-A request that produced nothing is released instead of settled. The settle runs shielded from
+While it generates, the job's usage so far is written onto its hold at its first token and then
+every K tokens or S seconds (`record_progress`), so that if this server dies another settles
+the hold at that usage (leases.py; the bound is in README, Serve). A request that produced
+nothing is released instead of settled. The settle runs shielded from
 cancellation, so a client that disconnects mid-stream is billed for the tokens produced up to then
 and no more; closing the generation aborts the engine request, which frees its KV blocks.
 Routes (routes_openai.py, ...) know their API's shapes; this module knows none of them.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -42,6 +46,7 @@ if TYPE_CHECKING:
 
 JobKind = Literal["chat", "completion"]
 Body = TypeVar("Body", bound=BaseModel)
+log = logging.getLogger("nanoseek.serve")
 NO_KEY = "missing or invalid API key (send Authorization: Bearer sk-...)"
 
 
@@ -63,6 +68,8 @@ class Job:
     arrival: float = field(default_factory=time.monotonic)
     first_token: float | None = None
     closed: bool = False          # settled or released, and its permit given back
+    recorded_tokens: int = 0      # output tokens last written onto the hold (record_progress)
+    recorded_at: float = 0.0
 
     def __post_init__(self) -> None:
         self.texts = [""] * self.n
@@ -206,7 +213,26 @@ async def generate(state: ServeState, job: Job, keepalive_s: float | None = None
         async for update in stream:
             if update is not None:
                 job.absorb(update)
+                await record_progress(state, job)  # before the new tokens go out
             yield update
+
+
+async def record_progress(state: ServeState, job: Job) -> None:
+    """Write the job's usage so far onto its hold when due (leases.progress_due): a server that
+    dies after this is billed within the documented bound by whoever settles its holds."""
+    from .accounts import Usage as Billed
+    from .leases import progress_due
+
+    now, cfg = time.monotonic(), state.config
+    if not progress_due(job.recorded_tokens, job.recorded_at, job.output_tokens, now,
+                        cfg.record_every_tokens, cfg.record_every_s):
+        return
+    job.recorded_tokens, job.recorded_at = job.output_tokens, now
+    billed = Billed(job.cached_prompt_tokens, job.uncached_prompt_tokens, job.output_tokens)
+    try:
+        await asyncio.to_thread(state.accounts.record_progress, job.reservation, billed)
+    except Exception:  # the settle at the end still bills in full; only the crash bound is at risk
+        log.exception("recording the progress of %s failed", job.id)
 
 
 async def close_job(state: ServeState, job: Job, route: str, status: int = 200) -> None:

@@ -138,3 +138,14 @@ class LeaseKeeper:
         if self._thread is not None:
             self._thread.join(10)
         self.accounts.end_lease()
+
+
+def progress_due(recorded_tokens: int, recorded_at: float, tokens: int, now: float,
+                 every_tokens: int, every_s: float) -> bool:
+    """Whether a request's usage should be written onto its hold now: at its first output token
+    (so a crash bills the prompt), then every `every_tokens` output tokens or `every_s` seconds.
+    Checked before the tokens are sent, so delivered tokens never run K = every_tokens or more
+    ahead of the recorded ones."""
+    if tokens <= recorded_tokens:
+        return False
+    return recorded_tokens == 0 or tokens - recorded_tokens >= every_tokens or now - recorded_at >= every_s
