@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 from dataclasses import dataclass
 import uuid
@@ -394,14 +393,12 @@ class Accounts:
         recorded usage, or release it when nothing was recorded; end the dead leases."""
         now = utcnow()
         with read_only(self.engine.connect()) as conn:  # the common case: nothing to do, no write lock
-            if not conn.execute(select(holds.c.request_id).where(self._orphaned(now)).limit(1)).first() \
-                    and not conn.execute(select(leases.c.instance_id).where(leases.c.expires_at < now)
-                                         .limit(1)).first() and not self._maybe_local_dead(conn, now):
+            if not lease.anything_to_settle(conn, now):
                 return OrphanReport()
         settled = released = tokens = 0
         with self.engine.begin() as conn:
             dead = lease.dead_instances(conn, now)  # locked: their servers cannot add holds meanwhile
-            for h in conn.execute(select(holds).where(self._orphaned(now)).order_by(holds.c.key_id)
+            for h in conn.execute(select(holds).where(lease.orphaned(now)).order_by(holds.c.key_id)
                                   .with_for_update()).all():
                 if conn.execute(holds.delete().where(holds.c.request_id == h.request_id)).rowcount != 1:
                     continue
@@ -418,19 +415,6 @@ class Accounts:
                 conn.execute(leases.delete().where(and_(leases.c.instance_id.in_(dead),
                                                         leases.c.expires_at < now)))
         return OrphanReport(settled, released, len(dead), tokens)
-
-    @staticmethod
-    def _orphaned(now: datetime):
-        live = select(leases.c.instance_id).where(leases.c.expires_at >= now)
-        return or_(holds.c.instance_id.is_(None), holds.c.instance_id.not_in(live))
-
-    def _maybe_local_dead(self, conn, now: datetime) -> bool:
-        """A live-looking lease on this machine whose process is gone (checked without locks)."""
-        me = lease.local_identity()
-        if "/" not in me:
-            return False
-        rows = conn.execute(select(leases.c.pid).where(and_(leases.c.host == me, leases.c.expires_at >= now)))
-        return any(pid != os.getpid() and not lease.pid_alive(pid) for (pid,) in rows)
 
     # ------------------------------------------------------------------ reading
     def ledger(self, key: Key | int | None = None, limit: int | None = None) -> list[LedgerRow]:

@@ -20,11 +20,11 @@ import socket
 import threading
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from .db import leases
+from .db import holds, leases
 
 log = logging.getLogger("nanoseek.serve")
 
@@ -99,6 +99,26 @@ def dead_instances(conn: Connection, now: datetime) -> list[str]:
                 expire(conn, row.instance_id, now - timedelta(microseconds=1))
                 dead.append(row.instance_id)
     return dead
+
+
+def orphaned(now: datetime):
+    """Holds no live lease covers: their instance's lease expired, or they predate leases."""
+    live = select(leases.c.instance_id).where(leases.c.expires_at >= now)
+    return or_(holds.c.instance_id.is_(None), holds.c.instance_id.not_in(live))
+
+
+def anything_to_settle(conn: Connection, now: datetime) -> bool:
+    """Read-only, lock-free check whether settling orphans would do anything: an orphaned hold,
+    an expired lease, or a live-looking lease on this machine whose process is gone."""
+    if conn.execute(select(holds.c.request_id).where(orphaned(now)).limit(1)).first():
+        return True
+    if conn.execute(select(leases.c.instance_id).where(leases.c.expires_at < now).limit(1)).first():
+        return True
+    me = local_identity()
+    if "/" not in me:
+        return False
+    rows = conn.execute(select(leases.c.pid).where(and_(leases.c.host == me, leases.c.expires_at >= now)))
+    return any(pid != os.getpid() and not pid_alive(pid) for (pid,) in rows)
 
 
 class LeaseKeeper:
