@@ -9,7 +9,8 @@ loop over a random mix of valid requests (chat streamed with per-token logprobs,
 tokens are counted exactly; chat and completions not streamed) and abusive ones (a 2 MB body,
 integers past 2**63, bad JSON, JSON nested 100,000 deep, disconnects after the first chunk, a
 key with zero balance). A poller reads /health every 100 ms. Halfway through, the server is
-SIGKILLed and restarted on the same database and cache folder. At the end it is stopped with
+SIGKILLed and restarted on the same database and cache folder; the traffic then runs for the
+other half (the restart itself does not count). At the end it is stopped with
 SIGTERM and the ledger is audited:
   - every key's charges (ledger rows) equal its balance delta, and `Accounts.audit()` is clean;
   - nothing is held;
@@ -221,10 +222,12 @@ class Soak:
         async with httpx.AsyncClient(timeout=60) as http:
             while time.monotonic() < self.stop_at:
                 await self.one(http)
+                if self.outcomes[-1].status == "conn":
+                    await asyncio.sleep(0.2)  # the server is down: do not spin on refused connections
 
-    async def poll_health(self, until: float) -> None:
+    async def poll_health(self) -> None:
         async with httpx.AsyncClient(timeout=10) as http:
-            while time.monotonic() < until:
+            while time.monotonic() < self.stop_at:
                 t0 = time.monotonic()
                 try:
                     status = str((await http.get(self.url + "/health")).status_code)
@@ -314,21 +317,22 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     rss = {"first server at start": rss_mb(server.proc.pid)}
     t_start = time.monotonic()
-    soak = Soak(url, funded, broke, random.Random(args.seed), t_start + args.duration)
+    soak = Soak(url, funded, broke, random.Random(args.seed), t_start + args.duration + 3600)
     window = [0.0, 0.0]
 
     async def run() -> None:
-        async def killer() -> None:
+        async def killer() -> None:  # also ends the run: stop_at is set once the restart is up
             await asyncio.sleep(args.duration * args.kill_at)
             rss["first server at kill"] = rss_mb(server.proc.pid)
             window[0] = time.monotonic()
             await asyncio.to_thread(server.kill)
             await asyncio.to_thread(server.start)
             window[1] = time.monotonic()
+            soak.stop_at = window[1] + args.duration * (1 - args.kill_at)  # the restart time does not count
             rss["restarted server at start"] = rss_mb(server.proc.pid)
 
         tasks = [asyncio.create_task(soak.client()) for _ in range(args.clients)]
-        await asyncio.gather(killer(), soak.poll_health(t_start + args.duration), *tasks)
+        await asyncio.gather(killer(), soak.poll_health(), *tasks)
 
     print(f"soak: {args.clients} clients for {args.duration:.0f} s against {url} (work: {work})",
           file=sys.stderr, flush=True)
