@@ -294,6 +294,8 @@ class Accounts:
         with self.engine.begin() as conn:
             if conn.execute(select(ledger.c.id).where(ledger.c.request_id == request_id)).first():
                 raise DuplicateRequest(f"request {request_id!r} was already billed")
+            # the lease first: a reaper locks leases before keys, so this order cannot deadlock with it
+            lease.ensure_live(conn, self.instance_id, self.lease_ttl_s, now)
             # one atomic statement: the check and the hold cannot be split by another request
             taken = conn.execute(
                 api_keys.update()
@@ -305,7 +307,6 @@ class Accounts:
                 if row.revoked_at is not None:
                     raise KeyRevoked(f"API key {row.name!r} was revoked at {row.revoked_at.isoformat()}")
                 raise InsufficientBalance(row.name, row.balance, row.held, amount)
-            lease.ensure_live(conn, self.instance_id, self.lease_ttl_s, now)
             try:  # on failure the transaction, and with it the hold above, rolls back
                 conn.execute(holds.insert().values(
                     request_id=request_id, key_id=key_id, amount=amount, created_at=now,

@@ -89,15 +89,17 @@ def dead_instances(conn: Connection, now: datetime) -> list[str]:
     gone (their expiry is moved to now, so the rest of the transaction sees them expired)."""
     me = local_identity()
     dead = list(conn.execute(select(leases.c.instance_id).where(leases.c.expires_at < now)
-                             .with_for_update()).scalars())
-    if "/" in me:
+                             .order_by(leases.c.instance_id).with_for_update()).scalars())
+    if "/" in me:  # pids are checked unlocked; only the leases of dead ones are locked and expired
         local = conn.execute(select(leases.c.instance_id, leases.c.pid).where(
-            and_(leases.c.host == me, leases.c.expires_at >= now, leases.c.pid != os.getpid()))
-            .with_for_update()).all()
-        for row in local:
-            if not pid_alive(row.pid):
-                expire(conn, row.instance_id, now - timedelta(microseconds=1))
-                dead.append(row.instance_id)
+            and_(leases.c.host == me, leases.c.expires_at >= now, leases.c.pid != os.getpid()))).all()
+        gone = sorted(row.instance_id for row in local if not pid_alive(row.pid))
+        if gone:
+            conn.execute(select(leases.c.instance_id).where(leases.c.instance_id.in_(gone))
+                         .order_by(leases.c.instance_id).with_for_update())
+            conn.execute(leases.update().where(leases.c.instance_id.in_(gone))
+                         .values(expires_at=now - timedelta(microseconds=1)))
+            dead += gone
     return dead
 
 
