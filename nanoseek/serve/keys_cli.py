@@ -246,7 +246,7 @@ def cmd_price_set(args) -> int:
 def register_key_settings(ks) -> None:
     """`keys limits` and `keys admin` (settings of nanoseek.serve.key_admin)."""
     p = ks.add_parser("limits", help="show or set a key's own rate limits (default: the server's flags)")
-    p.add_argument("key", metavar="NAME_OR_ID")
+    _add_key_ref(p)
     for flag, what in (("--rpm", "requests per minute"), ("--tpm", "tokens per minute"),
                        ("--concurrency", "requests in flight")):
         p.add_argument(flag, default=None, metavar="N", help=f"{what}: a number, 0 = unlimited, "
@@ -255,7 +255,7 @@ def register_key_settings(ks) -> None:
     p.set_defaults(func=cmd_limits)
 
     p = ks.add_parser("admin", help="grant or withdraw a key's admin rights")
-    p.add_argument("key", metavar="NAME_OR_ID")
+    _add_key_ref(p)
     p.add_argument("--revoke", action="store_true", help="withdraw admin rights instead of granting them")
     _add_db(p)
     p.set_defaults(func=cmd_admin)
@@ -272,7 +272,7 @@ def cmd_limits(args) -> int:
     acc = _accounts(args)
     try:
         admin = KeyAdmin(acc)
-        key = acc.get_key(args.key)
+        key = acc.get_key(*_key_ref(args))
         given = {"requests_per_minute": args.rpm, "tokens_per_minute": args.tpm, "max_concurrent": args.concurrency}
         if any(v is not None for v in given.values()):
             current = admin.settings(key.id)
@@ -297,7 +297,7 @@ def cmd_admin(args) -> int:
 
     acc = _accounts(args)
     try:
-        key = acc.get_key(args.key)
+        key = acc.get_key(*_key_ref(args))
         KeyAdmin(acc).set_admin(key.id, not args.revoke)
     except AccountsError as e:
         return _fail(str(e))
