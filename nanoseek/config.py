@@ -199,7 +199,9 @@ class ModelConfig:
 
     @property
     def is_moe(self) -> bool:
-        return self.is_mla and bool(self.n_routed_experts)
+        """Routed experts in the FFN: DeepSeek's, or (llama + n_routed_experts) nanoseek's GQA + MoE
+        variant for comparisons, which transformers' LlamaConfig does not describe."""
+        return bool(self.n_routed_experts)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """DeepSeek's rule: MoE from layer first_k_dense_replace on, every moe_layer_freq-th layer."""
@@ -292,12 +294,18 @@ class ModelConfig:
                       "scoring_func", "norm_topk_prob", "routed_scaling_factor", "aux_loss_alpha", "seq_aux",
                       "ep_size", "num_nextn_predict_layers", "rope_interleave")
 
+    _MOE_KEYS = ("n_routed_experts", "n_shared_experts", "num_experts_per_tok", "moe_intermediate_size",
+                 "moe_layer_freq", "first_k_dense_replace", "n_group", "topk_group", "topk_method", "scoring_func",
+                 "norm_topk_prob", "routed_scaling_factor", "aux_loss_alpha", "seq_aux")
+
     def to_dict(self) -> dict[str, Any]:
         """An HF config.json dict that transformers loads (published key names)."""
         d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
         if self.model_type == "llama":
+            keep = self._MOE_KEYS if self.is_moe else ()  # GQA + MoE keeps its experts
             for k in self._DEEPSEEK_ONLY:
-                d.pop(k, None)
+                if k not in keep:
+                    d.pop(k, None)
             d["head_dim"] = self.attn_head_dim
         else:
             d.pop("head_dim", None)

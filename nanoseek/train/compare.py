@@ -231,29 +231,13 @@ def train_configs(cc: CompareConfig) -> dict[str, "object"]:
     return {"models": cfgs, "train": out, "budget": budget}
 
 
-def run_state(tcfg) -> str:
-    """'new' (no folder or an empty one), 'finished' or 'partial' (this exact run, reusable or
-    resumable), or 'other' (something else lives there)."""
-    from nanoseek.train import checkpoint as ckpt
-    from nanoseek.train.config import TrainConfig
-
-    run = Path(tcfg.out)
-    if not run.is_dir() or not any(run.iterdir()):
-        return "new"
-    found = ckpt.latest_checkpoint(run)
-    try:
-        same = not tcfg.resume_differences(TrainConfig.load(run))
-    except (FileNotFoundError, ValueError):
-        same = False
-    if not same or found is None:
-        return "other"
-    return "finished" if found[0] == tcfg.max_steps else "partial"
-
-
 def compare(cc: CompareConfig) -> dict:
     """Train both models (or reuse finished runs), then write compare.{json,md,png}; returns the summary."""
+    import shutil
+
     from nanoseek.train.loop import preflight, train
     from nanoseek.train.plot import read_metrics
+    from nanoseek.train.runs import run_state
 
     cc.validate()
     plan = train_configs(cc)
@@ -264,8 +248,9 @@ def compare(cc: CompareConfig) -> dict:
         if state == "finished":
             continue
         if state == "other":
-            raise ValueError(f"{tcfg.out} holds a different run (or one without a checkpoint); remove it or "
-                             "choose another --out")
+            raise ValueError(f"{tcfg.out} holds a different run; remove it or choose another --out")
+        if state == "killed":  # this run, stopped before its first checkpoint: start it over
+            shutil.rmtree(tcfg.out)
         tcfg = tcfg.replace(resume=state == "partial")  # an interrupted comparison continues
         preflight(tcfg)  # both models' data/config errors surface before either trains
         todo[name] = tcfg

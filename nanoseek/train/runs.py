@@ -1,0 +1,95 @@
+"""Many trainer runs as one resumable job, for the comparison experiments (sweep.py, data_experiment.py).
+
+    wall = run_many({key: TrainConfig, ...}, progress=True, desc="compute")   # trains what is missing
+    curve = curve_of(run_dir)          # [(flops, tokens, val loss)] of one run's validations
+
+A run that finished (its metrics end with the validation of its last step) is reused; its
+checkpoints are deleted once it finishes (a sweep writes dozens of runs; the metrics are what it
+reads). A run interrupted by SIGINT/SIGTERM resumes from the checkpoint the trainer saved (exact
+resume); one killed before any checkpoint starts over. A folder that holds a different run is an
+error naming it. Every run to do is preflighted before the first one trains, so a bad setting fails
+in seconds, not an hour in.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+
+def curve_of(run_dir: str | Path) -> list[tuple[float, int, float]]:
+    """(training FLOPs, tokens, val loss) at each validation of a run, in order."""
+    from nanoseek.train.plot import read_metrics
+
+    _, val = read_metrics(run_dir)
+    if not val:
+        raise ValueError(f"{run_dir}/metrics.jsonl has no validation records")
+    return [(float(v["flops"]), int(v["tokens"]), float(v["val_loss"])) for v in val]
+
+
+def run_state(tcfg) -> str:
+    """'new'; 'finished'; 'partial' (this run, resumable from its checkpoint); 'killed' (this run,
+    stopped before any checkpoint: start over); 'other' (a different run lives there)."""
+    from nanoseek.train import checkpoint as ckpt
+    from nanoseek.train.config import TrainConfig
+
+    run = Path(tcfg.out)
+    if not run.is_dir() or not any(run.iterdir()):
+        return "new"
+    try:
+        same = not tcfg.resume_differences(TrainConfig.load(run))
+    except (FileNotFoundError, ValueError):
+        same = False
+    if not same:
+        return "other"
+    if _last_val_step(run) == tcfg.max_steps:
+        return "finished"
+    return "partial" if ckpt.latest_checkpoint(run) is not None else "killed"
+
+
+def _last_val_step(run: Path) -> int | None:
+    from nanoseek.train.plot import read_metrics
+
+    if not (run / "metrics.jsonl").is_file():
+        return None
+    _, val = read_metrics(run)
+    return int(val[-1]["step"]) if val else None
+
+
+def run_many(runs: dict, progress: bool = True, desc: str = "runs") -> dict[str, float]:
+    """Train every TrainConfig in `runs` that has not finished; returns {out: wall seconds} of those trained."""
+    from tqdm import tqdm
+
+    from nanoseek.train import checkpoint as ckpt
+    from nanoseek.train.loop import preflight, train
+
+    todo = []
+    for tcfg in runs.values():
+        state = run_state(tcfg)
+        if state == "finished":
+            continue
+        if state == "other":
+            raise ValueError(f"{tcfg.out} holds a different run (or one without a checkpoint); remove it or "
+                             "choose another --out")
+        if state == "killed":  # this run, killed before its first checkpoint: start it over
+            shutil.rmtree(tcfg.out)
+        tcfg = tcfg.replace(resume=state == "partial")
+        preflight(tcfg)
+        todo.append(tcfg)
+    wall = {}
+    bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=desc, unit="run", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for tcfg in todo:
+            bar.set_postfix_str(Path(tcfg.out).name)
+            t0 = time.perf_counter()
+            summary = train(tcfg)
+            wall[tcfg.out] = round(time.perf_counter() - t0, 1)
+            if summary["interrupted"]:  # the trainer saved a checkpoint; a rerun resumes from it
+                raise KeyboardInterrupt(f"{summary['interrupted']} while training {tcfg.out}; rerun to resume")
+            shutil.rmtree(Path(tcfg.out) / ckpt.CKPT_DIR, ignore_errors=True)
+            bar.update(1)
+    finally:
+        bar.close()
+    return wall
