@@ -28,7 +28,7 @@ HELP = {
     "dense_steps": "steps of the dense model that set the (full) budget",
     "batch_size": "sequences per step",
     "seq_len": "tokens per sequence",
-    "lr": "peak learning rate (warmup + cosine to 10%)",
+    "lr": "peak learning rate (warmup + cosine to 10%%)",
     "warmup_steps": "linear warmup steps",
     "evals": "validations per run",
     "eval_batches": "validation batches per validation",

@@ -197,7 +197,7 @@ def summarize(curves: dict[str, list[list[tuple[int, float]]]]) -> dict:
 
 
 def markdown(result: dict) -> str:
-    cols = ["training data", "train docs kept", "train MB kept", "final val loss (stdlib)",
+    cols = ["training data", "docs kept", "MB kept", "final val loss (stdlib)",
             "gap to curated", "tokens to reach curated's final loss"]
     lines = ["| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
     for variant, r in result["rows"].items():

@@ -124,6 +124,14 @@ def test_llama_with_moe_is_gqa_plus_the_same_experts_and_round_trips(tmp_path):
     assert ModelConfig.from_json(ROOT / "configs/compare-llama.json").to_dict().get("n_routed_experts") is None
 
 
+def test_compare_help_lists_the_experiments(capsys):
+    from nanoseek import cli
+
+    with pytest.raises(SystemExit) as e:  # a bare "%" in a help string used to crash --help
+        cli.main(["compare", "--help"])
+    assert e.value.code == 0 and "--experiment {compute,data,all}" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_compare_all_quick_end_to_end_and_resumable(tmp_path):
     """`nanoseek compare --experiment all --quick`: both experiments at smoke-test size, then a rerun reuses them."""
