@@ -175,6 +175,7 @@ class NearDedup:
 
         self.num_perm = cfg.num_perm
         self.lsh = MinHashLSH(threshold=cfg.near_dup_threshold, num_perm=cfg.num_perm)
+        self.kept = 0  # LSH keys: doc ids repeat across input roots (two `__init__.py`), counts do not
 
     def _minhash(self, signature: np.ndarray):
         if signature.shape != (self.num_perm,):
@@ -185,7 +186,8 @@ class NearDedup:
         mh = self._minhash(signature)
         if self.lsh.query(mh):
             return "near_dup"
-        self.lsh.insert(doc_id, mh)
+        self.lsh.insert(self.kept, mh)
+        self.kept += 1
         return None
 
 

@@ -96,6 +96,15 @@ def test_near_dedup_catches_edited_copies_only():
     assert near.check("other", sig(texts[7])) is None
 
 
+def test_near_dedup_takes_documents_that_share_an_id():
+    """Two input roots can each hold an `__init__.py`: same doc id, different text, both kept."""
+    texts = stdlib_texts()
+    near = NearDedup(CFG)
+    for t in texts[:2]:
+        assert near.check("pkg/__init__.py", minhash_signature(shingle_hashes(t, CFG.shingle_words),
+                                                               CFG.num_perm)) is None
+
+
 def test_near_dedup_threshold_is_configurable():
     base = " ".join(f"w{i}" for i in range(400))
     half = " ".join(f"w{i}" for i in range(200)) + " " + " ".join(f"z{i}" for i in range(200))
