@@ -272,7 +272,8 @@ def audit(db: str, initial: dict[str, Decimal], outcomes: list[Outcome], window:
         problems.append(f"an interrupted stream left {worst_killed} delivered tokens unbilled (> bound {bound})")
     if held:
         problems.append(f"{held} still held after the end")
-    return {"problems": problems, "ledger_rows": len(ledger), "held_after_end": str(held),
+    return {"problems": problems, "ledger_rows": len(ledger),
+            "held_after_end": "0" if held == 0 else str(held),
             "streams_interrupted_by_kill": interrupted, "unbilled_tokens_interrupted_max": worst_killed,
             "unbilled_tokens_total": unbilled_total, "bound": bound}
 
