@@ -87,3 +87,20 @@ def test_sigkill_mid_stream_bills_what_was_delivered_up_to_the_bound(model_dir, 
         proc.terminate()
         proc.wait(60)
         acc.close()
+
+
+def test_serve_flags_for_leases_and_progress(model_dir, capsys):
+    from nanoseek.cli import build_parser
+    from nanoseek.serve.cli import _serve_config
+
+    def config(*flags):
+        args = build_parser().parse_args(["serve", "--model", str(model_dir), *flags])
+        return _serve_config(args, model_dir, "tiny")
+
+    c = config("--lease-ttl", "9", "--record-every-tokens", "5", "--record-every-s", "0.5")
+    assert (c.lease_ttl_s, c.record_every_tokens, c.record_every_s) == (9.0, 5, 0.5)
+    assert capsys.readouterr().err == ""
+    config("--stale-hold-age", "60")  # still accepted, so old scripts keep working, but it says so
+    assert "--stale-hold-age is deprecated and ignored" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--record-every-tokens=0 must be > 0"):
+        config("--record-every-tokens", "0")
