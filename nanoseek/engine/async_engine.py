@@ -16,16 +16,24 @@ pauses generation (tests use this to freeze a request mid-stream).
 
 A `generate` iterator that is closed early (the client went away, the task was cancelled) aborts
 its request, so its KV blocks are freed at the engine's next step.
+
+No request can stop the thread. A request the engine refuses raises its ValueError from `generate`
+(RequestRejected, SamplingParamsError); one the engine fails on (an exception while adding it, a
+step that raised, an error publishing its output) raises RequestFailed, and only that request (or
+that step's requests) ends; the loop goes on. Only an error in that recovery itself stops the
+thread: then `error` is set, every open stream gets it, and `alive` turns False. `alive` and
+`last_step_age_s` are what a health check reports.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from nanoseek.engine.llm import LLMEngine, RequestOutput
+from nanoseek.engine.llm import LLMEngine, RequestFailed, RequestOutput
 from nanoseek.engine.sampling import SamplingParams
 
 
@@ -74,6 +82,8 @@ class AsyncEngine:
         self._idle_poll_s = idle_poll_s
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # set if the engine thread died
+        self.last_loop_time: float | None = None # monotonic time the thread last went round its loop
+        self.num_failed_steps = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "AsyncEngine":
@@ -93,6 +103,17 @@ class AsyncEngine:
     def num_streams(self) -> int:
         return len(self._streams)
 
+    @property
+    def alive(self) -> bool:
+        """The engine thread is running and has not died."""
+        return self.error is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def last_step_age_s(self) -> float | None:
+        """Seconds since the thread last finished a step or an idle wait (grows during a long step)."""
+        t = self.last_loop_time
+        return None if t is None else time.monotonic() - t
+
     # ------------------------------------------------------------------ public API
     async def generate(self, request_id: str, prompt: Any, params: SamplingParams,
                        keepalive_s: float | None = None) -> AsyncIterator[Update | None]:
@@ -101,6 +122,8 @@ class AsyncEngine:
         ValueError (RequestRejected, SamplingParamsError) if it refuses the request."""
         if self.error is not None:
             raise RuntimeError(f"the engine thread stopped: {self.error!r}")
+        if self._thread is None:
+            raise RuntimeError("the engine is not started (call start() first)")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._ops_lock:
             if request_id in self._streams:
@@ -145,9 +168,10 @@ class AsyncEngine:
                 self._apply_ops()
                 with self.engine_lock:
                     busy = self.engine.has_unfinished_requests()
-                    outputs = self.engine.step() if busy else []
+                    outputs = self._step() if busy else []
                 for req in outputs:
-                    self._publish(req)
+                    self._publish_safely(req)
+                self.last_loop_time = time.monotonic()
                 if not busy:
                     self._wake.wait(self._idle_poll_s)
                     self._wake.clear()
@@ -159,6 +183,24 @@ class AsyncEngine:
                 s.loop.call_soon_threadsafe(s.queue.put_nowait, RuntimeError(f"engine failed: {e!r}"))
             raise
 
+    def _step(self) -> list[RequestOutput]:
+        """One engine step; the engine fails the requests of a step that raised. An error it could
+        not pin on requests fails all of them: the thread goes on, and only an error in that
+        recovery reaches `_run`."""
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            outputs = self.engine.fail_all(e)
+        if any(r.error is not None for r in outputs):
+            self.num_failed_steps += 1
+        return outputs
+
+    def _fail_stream(self, request_id: str, error: BaseException) -> None:
+        with self._ops_lock:
+            stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+
     def _apply_ops(self) -> None:
         with self._ops_lock:
             ops, self._ops = self._ops, []
@@ -166,17 +208,29 @@ class AsyncEngine:
             if kind == "add":
                 request_id, prompt, params = arg
                 with self._ops_lock:
-                    stream = self._streams.get(request_id)
-                if stream is None:  # closed before it was ever added
-                    continue
+                    if request_id not in self._streams:  # closed before it was ever added
+                        continue
                 try:
                     with self.engine_lock:
                         self.engine.add_request(request_id, prompt, params)
-                except (ValueError, TypeError) as e:
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, e)
+                except (ValueError, TypeError) as e:  # the request's fault: its client gets a 4xx
+                    self._fail_stream(request_id, e)
+                except Exception as e:  # the engine's fault, but this request's alone
+                    self._fail_stream(request_id, RequestFailed(request_id, f"{type(e).__name__}: {e}"))
             else:
                 with self.engine_lock:
                     self.engine.abort(arg)
+
+    def _publish_safely(self, req: RequestOutput) -> None:
+        if req.error is not None:
+            self._fail_stream(req.request_id, RequestFailed(req.request_id, req.error))
+            return
+        try:
+            self._publish(req)
+        except Exception as e:
+            with self.engine_lock:
+                self.engine.abort(req.request_id)
+            self._fail_stream(req.request_id, RequestFailed(req.request_id, f"{type(e).__name__}: {e}"))
 
     def _publish(self, req: RequestOutput) -> None:
         with self._ops_lock:

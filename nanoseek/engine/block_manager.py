@@ -10,8 +10,10 @@
     bm.free(seq)                                 # full blocks stay cached until evicted (LRU)
 
 A block's hash is `block_hash(parent_hash, its token ids, fingerprint)`: the same tokens after a
-different prefix, or under a different model, hash differently. The hash is stable across processes
-and restarts (blake2b, no Python `hash`), so the disk context cache can key its files on it.
+different prefix, or under a different model, hash differently. The chain starts from
+`root_hash(seq.cache_salt)`, so sequences with different salts (tenants) never share a block.
+The hash is stable across processes and restarts (blake2b, no Python `hash`), so the disk context
+cache can key its files on it (and is isolated by salt the same way).
 
 Block states: free-plain (no useful content), free-cached (ref 0, content valid, evictable in LRU
 order), in use (ref >= 1). Only blocks whose KV has been computed are found by `match_prefix`; a
@@ -29,7 +31,13 @@ from typing import Callable, Sequence as Seq
 
 from nanoseek.engine.sequence import Sequence
 
-ROOT_HASH = ""  # parent of a sequence's first block
+ROOT_HASH = ""  # parent of a sequence's first block when it has no cache salt
+
+
+def root_hash(cache_salt: str | None) -> str:
+    """The parent of a sequence's first block: the salt's own namespace (block hashes are hex, so
+    no salt can pose as a block)."""
+    return ROOT_HASH if cache_salt is None else "salt:" + cache_salt
 
 
 def block_hash(parent_hash: str, token_ids: Seq[int], fingerprint: str) -> str:
@@ -124,8 +132,8 @@ class BlockManager:
         hs = seq.block_hashes
         while len(hs) < num_blocks:
             i = len(hs)
-            hs.append(block_hash(hs[-1] if hs else ROOT_HASH, seq.token_ids[i * bs:(i + 1) * bs],
-                                 self.fingerprint))
+            parent = hs[-1] if hs else root_hash(seq.cache_salt)
+            hs.append(block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs], self.fingerprint))
         return hs[:num_blocks]
 
     # ------------------------------------------------------------------ admission

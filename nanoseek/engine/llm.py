@@ -8,6 +8,17 @@
 The step-wise interface, for servers: `engine.add_request(id, prompt, params)`, `engine.step()` (the
 requests that progressed, with `delta_text` per output), `engine.abort(id)`. The engine works in
 token ids; text only enters through the tokenizer at the edges (prompts in, detokenized deltas out).
+`engine.check_request(ids, params)` is the one validation of a request against the engine (the same
+`add_request` runs), for a server to refuse a request before it queues it.
+
+A prompt dict may carry a `cache_salt` (vLLM's name): its blocks' prefix hashes start from it, so
+only requests with the same salt share cached prefixes, in memory and on disk (a server passes
+the tenant, so one tenant cannot probe another's prompts through cache hits).
+
+Failures stay with the requests they hit. A step that raises (the model, a disk load) fails the
+requests it scheduled and leaves the engine ready for the next step; an error while one request's
+output is processed fails that request alone. Either way `step()` returns the failed requests
+finished, with `error` set (a string naming the exception), and raises nothing.
 """
 
 from __future__ import annotations
@@ -33,7 +44,16 @@ from nanoseek.model.linear import MAX_ROWS, format_report, tune
 
 log = logging.getLogger("nanoseek.engine")
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestRejected"]
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestRejected",
+           "RequestFailed"]
+
+
+class RequestFailed(RuntimeError):
+    """The engine failed while running this request (not the request's fault): a server error."""
+
+    def __init__(self, request_id: str, error: str):
+        super().__init__(f"request {request_id!r} failed in the engine: {error}")
+        self.request_id, self.error = request_id, error
 
 
 @dataclass
@@ -62,6 +82,7 @@ class RequestOutput:
     finished: bool = False
     arrival_time: float = 0.0
     first_token_time: float | None = None
+    error: str | None = None  # set (with finished) when the engine failed this request
 
 
 @dataclass
@@ -126,19 +147,28 @@ class LLMEngine:
         return PagedKVCache.bytes_per_token(self.config, self.cache.dtype)
 
     # ------------------------------------------------------------------ requests
-    def _prompt_ids(self, prompt: Any) -> tuple[str | None, list[int]]:
+    def _prompt_ids(self, prompt: Any) -> tuple[str | None, list[int], str | None]:
+        """(text, token ids, cache salt) of a prompt."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" not in prompt:
                 raise ValueError(f"a prompt dict needs 'prompt_token_ids', got keys {sorted(prompt)}")
-            return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            salt = prompt.get("cache_salt")
+            if salt is not None and not isinstance(salt, str):
+                raise TypeError(f"cache_salt must be a str, got {type(salt).__name__}")
+            return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]], salt
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer; pass {'prompt_token_ids': [...]} instead")
-            return prompt, self.tokenizer.encode(prompt, add_bos=self.tokenizer.bos_id is not None)
+            return prompt, self.tokenizer.encode(prompt, add_bos=self.tokenizer.bos_id is not None), None
         if isinstance(prompt, (list, tuple)):
-            return None, [int(t) for t in prompt]
+            return None, [int(t) for t in prompt], None
         raise TypeError(f"a prompt is a str, a list of token ids or {{'prompt_token_ids': ...}}, "
                         f"got {type(prompt).__name__}")
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None) -> int:
+        """The request's effective max_tokens, or RequestRejected naming the parameter at fault
+        (prompt, max_tokens, top_k, ...). Thread-safe: it reads only the engine's fixed sizes."""
+        return self.scheduler.check(prompt_token_ids, params or SamplingParams())
 
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None) -> RequestOutput:
         """Queue a request (n sequences sharing the prompt's cached blocks). Raises a ValueError naming
@@ -146,17 +176,18 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self._requests:
             raise RequestRejected(f"request id {request_id!r} is already in the engine")
-        text, ids = self._prompt_ids(prompt)
+        text, ids, salt = self._prompt_ids(prompt)
+        self.check_request(ids, params)  # before anything reads the ids (the detokenizer does)
         req = RequestOutput(request_id, text, ids, [], arrival_time=time.monotonic())
         children = []
         for i in range(params.n):
-            seq = Sequence(f"{request_id}#{i}", ids, params)
+            seq = Sequence(f"{request_id}#{i}", ids, params, cache_salt=salt)
             detok = None
             if self.tokenizer is not None:
                 skip = params.skip_special_tokens
                 detok = IncrementalDetokenizer(lambda t, s=skip: self.tokenizer.decode(t, skip_special_tokens=s),
                                                ids, stop=params.stop)
-            seed = None if params.seed is None else params.seed + i
+            seed = None if params.seed is None else (params.seed + i) % 2 ** 64  # the generator's range
             children.append(_Child(seq, CompletionOutput(i, logprobs=[] if params.logprobs is not None else None),
                                    detok, make_generator(seed)))
         added = []
@@ -192,39 +223,44 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; returns the requests that progressed (finished ones for the last time)."""
+        """Run one scheduler step; returns the requests that progressed (finished ones for the last
+        time, failed ones with `error` set)."""
         out = self.scheduler.schedule()
         for c in self._children.values():
             c[1].out.delta_text = ""
-        sampled = self.runner.execute(out, lambda sid: self._children[sid][1].seq.params,
-                                      lambda sid: self._children[sid][1].generator)
-        finished = {s.seq_id for s in self.scheduler.update(out, {k: v.token_id for k, v in sampled.items()})}
+        try:
+            sampled = self.runner.execute(out, lambda sid: self._children[sid][1].seq.params,
+                                          lambda sid: self._children[sid][1].generator)
+            finished = {s.seq_id for s in self.scheduler.update(out, {k: v.token_id for k, v in sampled.items()})}
+        except Exception as e:  # the step did not run: fail its requests, keep the engine going
+            seqs = self.scheduler.recover(out)
+            failed = {self._children[s.seq_id][0] for s in seqs if s.seq_id in self._children}
+            return [self._fail(rid, e) for rid in sorted(failed)]
         touched: dict[str, RequestOutput] = {}
+        failed: dict[str, Exception] = {}
         now = time.monotonic()
         for sid, r in sampled.items():
             rid, c = self._children[sid]
             req = touched[rid] = self._requests[rid]
-            req.first_token_time = req.first_token_time or now
-            req.num_cached_tokens = max(req.num_cached_tokens, c.seq.num_cached_tokens)
-            c.out.token_ids.append(r.token_id)
-            if c.out.logprobs is not None:
-                c.out.logprobs.append({r.token_id: r.logprob, **dict(r.top or [])})
-                c.out.cumulative_logprob = (c.out.cumulative_logprob or 0.0) + r.logprob
-            if c.detok is not None:
-                c.out.delta_text += c.detok.add(r.token_id)
-                if c.detok.stop_reason is not None and sid not in finished:
-                    self.scheduler.finish(sid, "stop", c.detok.stop_reason)
-                    finished.add(sid)
-                    c.seq.finish_reason, c.seq.stop_reason = "stop", c.detok.stop_reason
+            try:
+                self._absorb(sid, c, req, r, finished, now)
+            except Exception as e:
+                failed.setdefault(rid, e)
         for sid in finished:
             rid, c = self._children.pop(sid)
             touched[rid] = self._requests[rid]
-            if c.detok is not None:
-                if c.detok.stop_reason is None:
+            try:
+                if c.detok is not None and c.detok.stop_reason is None:
                     c.out.delta_text += c.detok.flush()
-            c.out.finish_reason = c.seq.finish_reason
-            c.out.stop_reason = c.detok.stop_reason if c.detok and c.detok.stop_reason else c.seq.stop_reason
+                c.out.finish_reason = c.seq.finish_reason
+                c.out.stop_reason = c.detok.stop_reason if c.detok and c.detok.stop_reason else c.seq.stop_reason
+            except Exception as e:
+                failed.setdefault(rid, e)
+        for rid, e in failed.items():
+            touched[rid] = self._fail(rid, e)
         for rid, req in touched.items():
+            if rid in failed:
+                continue
             for o in req.outputs:
                 o.text += o.delta_text
             if all(o.finished for o in req.outputs):
@@ -232,6 +268,35 @@ class LLMEngine:
                 del self._requests[rid]
                 self._params.pop(rid, None)
         return list(touched.values())
+
+    def _absorb(self, sid, c: _Child, req: RequestOutput, r, finished: set, now: float) -> None:
+        """Add one sampled token to a child's output (text, logprobs, stop strings)."""
+        req.first_token_time = req.first_token_time or now
+        req.num_cached_tokens = max(req.num_cached_tokens, c.seq.num_cached_tokens)
+        c.out.token_ids.append(r.token_id)
+        if c.out.logprobs is not None:
+            c.out.logprobs.append({r.token_id: r.logprob, **dict(r.top or [])})
+            c.out.cumulative_logprob = (c.out.cumulative_logprob or 0.0) + r.logprob
+        if c.detok is not None:
+            c.out.delta_text += c.detok.add(r.token_id)
+            if c.detok.stop_reason is not None and sid not in finished:
+                self.scheduler.finish(sid, "stop", c.detok.stop_reason)
+                finished.add(sid)
+                c.seq.finish_reason, c.seq.stop_reason = "stop", c.detok.stop_reason
+
+    def _fail(self, request_id: str, error: BaseException) -> RequestOutput:
+        """End a request because the engine failed on it: its sequences are freed, and its output
+        is returned finished with `error` set."""
+        req = self._requests[request_id]
+        self.abort(request_id)
+        req.error = f"{type(error).__name__}: {error}"
+        return req
+
+    def fail_all(self, error: BaseException) -> list[RequestOutput]:
+        """Last resort after an error `step` could not attribute: fail every request and start
+        over with an empty scheduler state (the prefix cache keeps only committed blocks)."""
+        self.scheduler.recover(None)
+        return [self._fail(rid, error) for rid in list(self._requests)]
 
 
 class LLM:

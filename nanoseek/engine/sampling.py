@@ -97,7 +97,8 @@ class SamplingParams:
              "stop", f"stop={self.stop!r} must be a list of non-empty strings")
         need(all(is_int(t) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids", f"stop_token_ids={self.stop_token_ids!r} must be a list of token ids >= 0")
-        need(self.seed is None or is_int(self.seed), "seed", f"seed={self.seed!r} must be an integer or None")
+        need(self.seed is None or (is_int(self.seed) and -2 ** 63 <= self.seed < 2 ** 64), "seed",
+             f"seed={self.seed!r} must be an integer in [-2**63, 2**64) (a torch.Generator seed) or None")
         need(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
              "logprobs", f"logprobs={self.logprobs!r} must be None or an integer in [0, {MAX_LOGPROBS}]")
 

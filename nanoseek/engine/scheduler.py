@@ -33,7 +33,12 @@ from nanoseek.engine.sequence import Sequence, SequenceStatus
 
 
 class RequestRejected(ValueError):
-    """A request that can never run (too long, empty, bad token ids); nothing else is affected."""
+    """A request that can never run (too long, empty, bad token ids); nothing else is affected.
+    `param` names the request field at fault ("prompt", "max_tokens", "top_k", ...)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -114,37 +119,56 @@ class Scheduler:
         self.waiting.append(seq)
 
     def _validate(self, seq: Sequence) -> None:
-        sid, n_prompt = seq.seq_id, len(seq.token_ids)
-        if sid in self._seqs:
-            raise RequestRejected(f"request id {sid!r} is already in the engine")
+        if seq.seq_id in self._seqs:
+            raise RequestRejected(f"request id {seq.seq_id!r} is already in the engine")
+        seq.max_tokens = self.check(seq.token_ids, seq.params, name=f"request {seq.seq_id!r}")
+
+    def check(self, token_ids: list[int], params=None, name: str = "the request") -> int:
+        """The one check of a request against this engine (vocabulary, context, KV cache); returns
+        its effective max_tokens or raises RequestRejected naming the parameter. Reads only the
+        engine's fixed sizes, so any thread may call it before queueing a request."""
+        n_prompt, vocab = len(token_ids), self.vocab_size
         if n_prompt == 0:
-            raise RequestRejected(f"request {sid!r} has an empty prompt; at least 1 token is needed")
-        if self.vocab_size is not None:
-            bad = [t for t in seq.token_ids if not 0 <= t < self.vocab_size]
+            raise RequestRejected(f"{name} has an empty prompt; at least 1 token is needed", "prompt")
+        if vocab is not None:
+            bad = [t for t in token_ids if not 0 <= t < vocab]
             if bad:
-                raise RequestRejected(f"request {sid!r} has token ids outside the vocabulary "
-                                      f"[0, {self.vocab_size}): {bad[:5]}")
+                raise RequestRejected(f"{name} has token ids outside the vocabulary [0, {vocab}): "
+                                      f"{bad[:5]}", "prompt")
+            top_k = getattr(params, "top_k", -1)
+            if top_k > vocab:
+                raise RequestRejected(f"top_k={top_k} is larger than the vocabulary ({vocab} tokens)",
+                                      "top_k")
+            logprobs = getattr(params, "logprobs", None)
+            if logprobs is not None and logprobs > vocab:
+                raise RequestRejected(f"logprobs={logprobs} is larger than the vocabulary ({vocab} "
+                                      "tokens)", "logprobs")
+            bad = [t for t in getattr(params, "stop_token_ids", None) or () if not 0 <= t < vocab]
+            if bad:
+                raise RequestRejected(f"stop_token_ids {bad[:5]} are outside the vocabulary "
+                                      f"[0, {vocab})", "stop_token_ids")
         bm = self.block_manager
-        max_tokens = getattr(seq.params, "max_tokens", None)
+        max_tokens = getattr(params, "max_tokens", None)
         if max_tokens is None:  # as many as the context and the cache hold (the last token needs no slot)
             max_tokens = min(self.max_model_len, bm.num_blocks * bm.block_size + 1) - n_prompt
             if max_tokens < 1:
                 raise RequestRejected(
-                    f"request {sid!r}: the prompt has {n_prompt} tokens and the model's context is "
+                    f"{name}: the prompt has {n_prompt} tokens and the model's context is "
                     f"{self.max_model_len} tokens ({bm.num_blocks * bm.block_size} fit in the KV "
-                    "cache), which leaves no room to generate")
+                    "cache), which leaves no room to generate", "prompt")
         elif n_prompt + max_tokens > self.max_model_len:
             raise RequestRejected(
-                f"request {sid!r}: the model's context is {self.max_model_len} tokens, but "
+                f"{name}: the model's context is {self.max_model_len} tokens, but "
                 f"{n_prompt + max_tokens} were requested ({n_prompt} in the prompt, "
-                f"max_tokens={max_tokens})")
+                f"max_tokens={max_tokens})", "max_tokens")
         # The last sampled token never needs a KV slot.
         need = bm.blocks_for(n_prompt + max_tokens - 1)
         if need > bm.num_blocks:
             raise RequestRejected(
-                f"request {sid!r} needs up to {need} KV blocks of {bm.block_size} tokens "
-                f"({n_prompt} prompt + {max_tokens} max_tokens) but the cache has {bm.num_blocks}")
-        seq.max_tokens = max_tokens
+                f"{name} needs up to {need} KV blocks of {bm.block_size} tokens "
+                f"({n_prompt} prompt + {max_tokens} max_tokens) but the cache has {bm.num_blocks}",
+                "max_tokens")
+        return max_tokens
 
     def abort(self, seq_id: Hashable) -> bool:
         """Finish a request with reason "abort"; False if it is unknown or already finished."""
@@ -289,6 +313,29 @@ class Scheduler:
             self._preempt(seq)
             seq.num_preemptions -= 1  # not a preemption: its cache hit was void, it is re-admitted
         return [s.seq.seq_id for s in dropped]
+
+    def recover(self, out: SchedulerOutput | None) -> list[Sequence]:
+        """The step of `out` failed (or `update` did not finish): end its sequences with "abort" and
+        make the scheduler ready for the next `schedule`. Blocks this step was to fill or load are
+        unhashed, as their content cannot be trusted. With out=None, every sequence is ended.
+        Returns the sequences ended, for the caller to fail their requests."""
+        bm = self.block_manager
+        if out is not None and out is self._in_flight:
+            bm.cancel_pending(out.blocks_to_save)
+            bm.forget([h for _, h in out.blocks_to_load])
+        elif out is None and self._in_flight is not None:
+            bm.cancel_pending(self._in_flight.blocks_to_save)
+            bm.forget([h for _, h in self._in_flight.blocks_to_load])
+        self._in_flight = None
+        seqs = [s.seq for s in out.scheduled] if out is not None else list(self._seqs.values())
+        for seq in seqs:
+            if seq.seq_id in self._seqs:
+                if not seq.is_finished:
+                    seq.mark_finished("abort")
+                if seq in self.waiting:
+                    self.waiting.remove(seq)
+                self._release(seq)
+        return seqs
 
     # ------------------------------------------------------------------ internals
     def _release(self, seq: Sequence) -> None:

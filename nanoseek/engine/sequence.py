@@ -46,6 +46,7 @@ class Sequence:
     arrival: int = -1                     # order of `Scheduler.add`; lower is older
     num_preemptions: int = 0
     max_tokens: int = -1                  # effective output cap, resolved by the scheduler at add
+    cache_salt: str | None = None         # prefix hashes start from it: only equal salts share blocks
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)
