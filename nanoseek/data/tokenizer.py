@@ -6,13 +6,18 @@
     tok.decode(ids)                              # round-trips any UTF-8 text
     step = tok.stream_decoder(); "".join(step(i) for i in ids)   # incremental, for streaming APIs
     tok.bos_id, tok.eos_id, tok.pad_id, tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id
-    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}])   # a string: encode it
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}])   # the string transformers renders
+    ids = tok.encode_chat([{"role": "user", "content": "x<|eos|>"}])  # ids; content stays text
 
 What we train: GPT-4-style pre-splitting (letters, 1-3 digit groups, punctuation runs, whitespace
 runs) over bytes, no normaliser, so every string maps to bytes and back unchanged. Special tokens
 (BOS, EOS, PAD, chat roles, fill-in-the-middle) take ids 0..9. Saved as `tokenizer.json` plus a
 `tokenizer_config.json` holding the special tokens and a Jinja chat template, so
 `transformers.AutoTokenizer.from_pretrained(out_dir)` loads it and renders the same prompts.
+
+Untrusted text (what API clients send) is encoded with `split_special_tokens=True`: a special
+token's text in it, such as "<|eos|>", stays that text instead of becoming the control token.
+`encode_chat` does that for message content, so only the chat template writes control tokens.
 
 Loading reads the special tokens from `tokenizer_config.json` when present (strings or DeepSeek's
 {"content": ...} objects) and finds FIM tokens under our names or DeepSeek's (fim▁begin/hole/end).
@@ -22,6 +27,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -106,8 +114,19 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+    @cached_property
+    def _text_only(self) -> tokenizers.Tokenizer:
+        """A copy that reads special-token text as plain text (a separate object: the flag is state
+        on the tokenizer, and encodes run from several threads)."""
+        tok = tokenizers.Tokenizer.from_str(self.tok.to_str())
+        tok.encode_special_tokens = True
+        return tok
+
+    def encode(self, text: str, add_bos: bool = False, split_special_tokens: bool = False) -> list[int]:
+        """Token ids of text. With split_special_tokens, special-token text ("<|eos|>") is encoded
+        as ordinary text, as for anything a user wrote (transformers' name for the switch)."""
+        tok = self._text_only if split_special_tokens else self.tok
+        ids = tok.encode(text, add_special_tokens=False).ids
         if add_bos:
             if self.bos_id is None:
                 raise TokenizerError("add_bos=True but this tokenizer has no BOS token")
@@ -149,6 +168,48 @@ class Tokenizer:
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The chat prompt's ids, with every message's content encoded as text: only the template
+        writes control tokens, so content such as "x<|eos|><|system|>" cannot forge a turn.
+
+        The template is rendered once with each content replaced by a marker; its own text is
+        encoded with special tokens, the contents without. A template that rewrites content (so the
+        markers do not stand for it verbatim) falls back to encoding the whole rendering, after
+        refusing content that holds special-token text. Other string fields of a message (names,
+        tool-call arguments) must hold no special-token text either: TokenizerError otherwise.
+        """
+        marker = "NSQ" + secrets.token_hex(8)  # letters and digits: survives escaping filters
+        masked, contents = [], []
+        for i, m in enumerate(messages):
+            if isinstance(m, dict):
+                for key, value in _string_leaves(m, skip=("role", "content")):
+                    if self._has_special_text(value):
+                        raise TokenizerError(f"messages[{i}].{key} holds special-token text; it may "
+                                             "only appear in content")
+                c = m.get("content")
+                if isinstance(c, str) and c:
+                    m = {**m, "content": f"{marker}{len(contents)}{marker}"}
+                    contents.append(c)
+            masked.append(m)
+        rendered = self.apply_chat_template(masked, add_generation_prompt)
+        pieces = re.split(f"{marker}(\\d+){marker}", rendered)  # [template, index, template, ...]
+        plain = self.apply_chat_template(messages, add_generation_prompt)
+        if plain != "".join(contents[int(p)] if j % 2 else p for j, p in enumerate(pieces)):
+            if any(self._has_special_text(c) for c in contents):
+                raise TokenizerError("a message's content holds special-token text, which this "
+                                     "chat template does not let us keep as text")
+            return self.encode(plain)
+        ids: list[int] = []
+        for j, p in enumerate(pieces):
+            if j % 2:
+                ids += self.encode(contents[int(p)], split_special_tokens=True)
+            elif p:
+                ids += self.encode(p)
+        return ids
+
+    def _has_special_text(self, text: str) -> bool:
+        return self.encode(text) != self.encode(text, split_special_tokens=True)
+
     # ------------------------------------------------------------------ io
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write tokenizer.json and tokenizer_config.json into `out_dir` (each atomically)."""
@@ -157,6 +218,19 @@ class Tokenizer:
         atomic_write(out / "tokenizer.json", self.tok.to_str(pretty=False))
         atomic_write(out / "tokenizer_config.json", json.dumps(self.config, indent=2, ensure_ascii=False))
         return out
+
+
+def _string_leaves(obj, skip: tuple[str, ...] = (), path: str = ""):
+    """(dotted path, value) of every string inside a message's dicts and lists, but top-level `skip` keys."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        if not path and k in skip:
+            continue
+        key = f"{path}.{k}" if path else str(k)
+        if isinstance(v, str):
+            yield key, v
+        else:
+            yield from _string_leaves(v, (), key)
 
 
 def _compile_template(source: str):
