@@ -10,7 +10,10 @@
     body = validation_error_body(exc)                    # 422 body naming the parameter
 
 Requests ignore unknown fields, as OpenAI does; out-of-range values raise a ValidationError that
-`validation_error_body` turns into `{"error": {"message", "type", "param", "code"}}`.
+`validation_error_body` turns into `{"error": {"message", "type", "param", "code"}}`. Every number
+is bounded here (token ids and top_k below 2**31, seed within a torch.Generator's range) and typed
+strictly (`max_tokens: true` is not 1, `"stream": 1` is not true); what depends on the model
+(vocabulary, context) is checked by the engine's `check_request`.
 Responses carry DeepSeek's usage fields (prompt_cache_hit_tokens / prompt_cache_miss_tokens)
 beside OpenAI's prompt_tokens_details.cached_tokens, so both kinds of client read cache hits.
 """
@@ -28,10 +31,18 @@ from .pricing import format_money  # noqa: F401  (re-exported for the app)
 FinishReason = Literal["stop", "length", "content_filter"]
 MAX_STOP = 16
 MAX_N = 16
+MAX_INT = 2 ** 31 - 1              # bound of token ids, top_k, max_tokens before the engine's own checks
+SEED_MIN, SEED_MAX = -2 ** 63, 2 ** 64 - 1   # what torch.Generator.manual_seed takes
+
+# Strict: a JSON boolean is not a number and a number is not a boolean (floats take ints).
+Int = Annotated[int, Field(strict=True)]
+Float = Annotated[float, Field(strict=True)]
+Bool = Annotated[bool, Field(strict=True)]
+TokenId = Annotated[int, Field(strict=True, ge=0, le=MAX_INT)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class _Response(BaseModel):
@@ -112,7 +123,7 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
-    prefix: bool = False            # DeepSeek beta: continue this assistant message
+    prefix: Bool = False            # DeepSeek beta: continue this assistant message
     reasoning_content: str | None = None
 
     @property
@@ -131,30 +142,30 @@ class ChatMessage(_Request):
 
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class ResponseFormat(_Request):
     type: Literal["text"] = "text"
 
 
-Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+Temperature = Annotated[float, Field(strict=True, ge=0.0, le=2.0)]
+Penalty = Annotated[float, Field(strict=True, ge=-2.0, le=2.0)]
 
 
 class _SamplingRequest(_Request):
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: Int | None = Field(default=None, ge=1, le=MAX_INT)
     temperature: Temperature | None = None
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)       # -1 and 0 mean "off", as in vLLM
+    top_p: Float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: Int | None = Field(default=None, ge=-1, le=MAX_INT)  # -1 and 0 mean "off", as in vLLM
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: Bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    seed: int | None = None
-    n: int = Field(default=1, ge=1, le=MAX_N)
+    seed: Int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    n: Int = Field(default=1, ge=1, le=MAX_N)
     user: str | None = None
 
     @field_validator("stop")
@@ -179,9 +190,9 @@ class _SamplingRequest(_Request):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)   # OpenAI's newer name
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    max_completion_tokens: Int | None = Field(default=None, ge=1, le=MAX_INT)  # OpenAI's newer name
+    logprobs: Bool = False
+    top_logprobs: Int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
@@ -195,16 +206,16 @@ class ChatCompletionRequest(_SamplingRequest):
 
 Prompt = Union[Annotated[str, Field(min_length=1)],
                Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)],
-               Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)],
-               Annotated[list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]],
+               Annotated[list[TokenId], Field(min_length=1)],
+               Annotated[list[Annotated[list[TokenId], Field(min_length=1)]],
                          Field(min_length=1)]]
 
 
 class CompletionRequest(_SamplingRequest):
     prompt: Prompt
     suffix: str | None = None           # fill-in-the-middle: text that follows the completion
-    logprobs: int | None = Field(default=None, ge=0, le=5)
-    echo: bool = False
+    logprobs: Int | None = Field(default=None, ge=0, le=5)
+    echo: Bool = False
 
     @property
     def prompts(self) -> list[str | list[int]]:

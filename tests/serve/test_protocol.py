@@ -149,6 +149,32 @@ def test_union_errors_point_at_the_branch_that_matched():
     assert param == "prompt.1" and message.startswith("invalid request: prompt.1: Input should be greater")
 
 
+@pytest.mark.parametrize("body, param", [
+    ({"max_tokens": True}, "max_tokens"),            # a boolean is not a number
+    ({"n": True}, "n"),
+    ({"temperature": True}, "temperature"),
+    ({"stream": 1}, "stream"),                       # nor a number a boolean
+    ({"max_tokens": 2 ** 31}, "max_tokens"),
+    ({"top_k": 9223372036854775808}, "top_k"),       # would overflow in the engine
+    ({"seed": 2 ** 64}, "seed"),                     # beyond what torch.Generator takes
+    ({"seed": -2 ** 63 - 1}, "seed"),
+    ({"temperature": float("nan")}, "temperature"),
+])
+def test_numbers_are_bounded_and_strictly_typed(body, param):
+    got, message = bad_param(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                     **body})
+    assert got == param and param in message
+    assert chat(seed=2 ** 64 - 1, top_k=2 ** 31 - 1, temperature=1).seed == 2 ** 64 - 1
+    assert chat(temperature=1).temperature == 1.0    # an int is a fine float
+
+
+def test_prompt_token_ids_are_bounded():
+    param, _ = bad_param(CompletionRequest, {"model": "demo", "prompt": [5, 9223372036854775808]})
+    assert param == "prompt.1"
+    param, _ = bad_param(CompletionRequest, {"model": "demo", "prompt": [5, True]})
+    assert param.startswith("prompt")
+
+
 def test_error_for_status_uses_openai_words():
     from nanoseek.serve.protocol import error_for_status
 
