@@ -122,6 +122,13 @@ class Tokenizer:
         tok.encode_special_tokens = True
         return tok
 
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The longest token, in characters of its vocabulary entry (a byte-level token has one per
+        byte, so at least as many as the text it encodes): a text of n characters encodes to at
+        least n / max_token_chars tokens, which a server checks before it tokenizes anything."""
+        return max(1, max(map(len, self.tok.get_vocab(with_added_tokens=True))))
+
     def encode(self, text: str, add_bos: bool = False, split_special_tokens: bool = False) -> list[int]:
         """Token ids of text. With split_special_tokens, special-token text ("<|eos|>") is encoded
         as ordinary text, as for anything a user wrote (transformers' name for the switch)."""

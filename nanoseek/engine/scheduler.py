@@ -121,19 +121,22 @@ class Scheduler:
     def _validate(self, seq: Sequence) -> None:
         if seq.seq_id in self._seqs:
             raise RequestRejected(f"request id {seq.seq_id!r} is already in the engine")
-        seq.max_tokens = self.check(seq.token_ids, seq.params, name=f"request {seq.seq_id!r}")
+        try:
+            seq.max_tokens = self.check(seq.token_ids, seq.params)
+        except RequestRejected as e:
+            raise RequestRejected(f"request {seq.seq_id!r}: {e}", e.param) from None
 
-    def check(self, token_ids: list[int], params=None, name: str = "the request") -> int:
+    def check(self, token_ids: list[int], params=None) -> int:
         """The one check of a request against this engine (vocabulary, context, KV cache); returns
         its effective max_tokens or raises RequestRejected naming the parameter. Reads only the
         engine's fixed sizes, so any thread may call it before queueing a request."""
-        n_prompt, vocab = len(token_ids), self.vocab_size
+        n_prompt, vocab, context = len(token_ids), self.vocab_size, self.max_model_len
         if n_prompt == 0:
-            raise RequestRejected(f"{name} has an empty prompt; at least 1 token is needed", "prompt")
+            raise RequestRejected("the request has an empty prompt; at least 1 token is needed", "prompt")
         if vocab is not None:
             bad = [t for t in token_ids if not 0 <= t < vocab]
             if bad:
-                raise RequestRejected(f"{name} has token ids outside the vocabulary [0, {vocab}): "
+                raise RequestRejected(f"the prompt has token ids outside the vocabulary [0, {vocab}): "
                                       f"{bad[:5]}", "prompt")
             top_k = getattr(params, "top_k", -1)
             if top_k > vocab:
@@ -149,23 +152,23 @@ class Scheduler:
                                       f"[0, {vocab})", "stop_token_ids")
         bm = self.block_manager
         max_tokens = getattr(params, "max_tokens", None)
-        if max_tokens is None:  # as many as the context and the cache hold (the last token needs no slot)
-            max_tokens = min(self.max_model_len, bm.num_blocks * bm.block_size + 1) - n_prompt
-            if max_tokens < 1:
-                raise RequestRejected(
-                    f"{name}: the prompt has {n_prompt} tokens and the model's context is "
-                    f"{self.max_model_len} tokens ({bm.num_blocks * bm.block_size} fit in the KV "
-                    "cache), which leaves no room to generate", "prompt")
-        elif n_prompt + max_tokens > self.max_model_len:
+        room = min(context, bm.num_blocks * bm.block_size + 1) - n_prompt  # the last token needs no slot
+        if n_prompt >= context or (max_tokens is None and room < 1):
             raise RequestRejected(
-                f"{name}: the model's context is {self.max_model_len} tokens, but "
-                f"{n_prompt + max_tokens} were requested ({n_prompt} in the prompt, "
-                f"max_tokens={max_tokens})", "max_tokens")
-        # The last sampled token never needs a KV slot.
+                f"the prompt has {n_prompt} tokens and the model's context is {context} tokens "
+                f"({bm.num_blocks * bm.block_size} fit in the KV cache), which leaves no room to "
+                "generate", "prompt")
+        if max_tokens is None:  # as many as the context and the cache hold
+            max_tokens = room
+        elif n_prompt + max_tokens > context:
+            raise RequestRejected(
+                f"the model's context is {context} tokens, but {n_prompt + max_tokens} were "
+                f"requested ({n_prompt} in the prompt, max_tokens={max_tokens}); lower max_tokens "
+                "or shorten the prompt", "max_tokens")
         need = bm.blocks_for(n_prompt + max_tokens - 1)
         if need > bm.num_blocks:
             raise RequestRejected(
-                f"{name} needs up to {need} KV blocks of {bm.block_size} tokens "
+                f"the request needs up to {need} KV blocks of {bm.block_size} tokens "
                 f"({n_prompt} prompt + {max_tokens} max_tokens) but the cache has {bm.num_blocks}",
                 "max_tokens")
         return max_tokens

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
+import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -50,6 +52,7 @@ def create_app(state: ServeState) -> FastAPI:
         finally:
             state.engine.shutdown()
             await asyncio.to_thread(keeper.stop)
+            state.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="nanoseek", version="0.1.0", lifespan=lifespan)
     app.state.serve = state
@@ -64,14 +67,24 @@ def create_app(state: ServeState) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception):
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+        # the details go to the log under an id the client can quote; the body carries no internals
+        rid = "err-" + uuid.uuid4().hex
+        logging.getLogger("nanoseek.serve").error("request %s %s %s failed", rid, request.method,
+                                                  request.url.path, exc_info=exc)
+        return error_response(500, f"internal server error (request id {rid})", None, {"X-Request-Id": rid})
 
     @app.get("/health")
     async def health():
-        if state.engine.error is not None:
-            return error_response(503, f"engine thread stopped: {state.engine.error!r}")
+        """200 while the engine thread runs; 503 once it stopped (or never started)."""
+        eng = state.engine
+        age = eng.last_step_age_s
+        engine = {"alive": eng.alive, "last_loop_age_s": None if age is None else round(age, 3),
+                  "failed_steps": eng.num_failed_steps}
+        if not eng.alive:
+            why = "stopped" if eng.error is None else f"stopped after {type(eng.error).__name__}"
+            return error_response(503, f"the engine thread has {why}; restart the server")
         return {"status": "ok", "model": state.model_name, "uptime_s": round(time.time() - state.started, 1),
-                "requests_in_flight": state.limiter.in_flight}
+                "requests_in_flight": state.limiter.in_flight, "engine": engine}
 
     @app.get("/metrics")
     async def metrics():

@@ -64,6 +64,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--record-every-s", type=float, default=2.0, metavar="S",
                    help="... or every S seconds, whichever comes first (default 2)")
     g.add_argument("--stale-hold-age", type=float, default=None, help=argparse.SUPPRESS)  # deprecated
+    g.add_argument("--max-body-bytes", type=int, default=None, metavar="N",
+                   help="largest request body read (413 beyond; default 1 MiB + 32 bytes per context token)")
+    g.add_argument("--shared-prefix-cache", action="store_true",
+                   help="let all keys share cached prompt prefixes (default: each key's own; only for "
+                        "single-tenant deployments, as cache hits show another tenant's prompts)")
     lim = p.add_argument_group("limits (per key; 0 = unlimited)")
     lim.add_argument("--rpm", type=float, default=600, help="requests per minute (default 600)")
     lim.add_argument("--tpm", type=float, default=1_000_000, help="tokens per minute (default 1e6)")
@@ -166,7 +171,9 @@ def _serve_config(args, model_dir: Path, name: str):
                        max_model_len=getattr(args, "max_model_len", None), requests_per_minute=lim(args.rpm),
                        tokens_per_minute=lim(args.tpm), max_concurrent=lim(args.max_concurrent),
                        max_queue=lim(args.max_queue), lease_ttl_s=args.lease_ttl,
-                       record_every_tokens=args.record_every_tokens, record_every_s=args.record_every_s)
+                       record_every_tokens=args.record_every_tokens, record_every_s=args.record_every_s,
+                       max_body_bytes=getattr(args, "max_body_bytes", None),
+                       shared_prefix_cache=getattr(args, "shared_prefix_cache", False))
 
 
 def serve(config, host: str, port: int) -> None:

@@ -1,10 +1,13 @@
 """One generation core under every API route: admit → reserve → generate → settle.
 
-    key = await authenticate(state, request)                     # 401
-    req = parse_body(await read_json(request), ChatCompletionRequest)   # 400 / 422 naming the param
-    max_tokens = check_context(state, len(prompt_ids), req.max_tokens, "messages")   # 400
-    job = Job(new_id("chatcmpl-"), "chat", prompt_ids, make_sampling_params(...))
-    await admit(state, key, job)          # the key's limits (429, 503) and its hold (402)
+    key = await authenticate(state, request)      # 401; then 429 / 402 before the body is read
+    req = parse_body(await read_json(request, state.max_body_bytes), ChatCompletionRequest)  # 413/400/422
+    check_prompt_chars(state, texts, req.max_tokens, "messages")  # 400 before tokenizing
+    prompt_ids = await off_loop(state, tokenizer.encode_chat, messages)   # on the tokenizer threads
+    params = make_sampling_params(max_tokens=default_max_tokens(state, len(prompt_ids), req.max_tokens), ...)
+    check_request(state, prompt_ids, params, "messages")   # 400 naming the field (vocab, context)
+    job = Job(new_id("chatcmpl-"), "chat", prompt_ids, params, cache_salt=state.cache_salt(key))
+    await admit(state, key, job)          # the key's tokens and concurrency (429, 503), its hold (402)
     try:
         async for update in generate(state, job):               # absorbed into job as they come
             ...
@@ -13,10 +16,17 @@
 
 While it generates, the job's usage so far is written onto its hold at its first token and then
 every K tokens or S seconds (`record_progress`), so that if this server dies another settles
-the hold at that usage (leases.py; the bound is in README, Serve). A request that produced
-nothing is released instead of settled. The settle runs shielded from
-cancellation, so a client that disconnects mid-stream is billed for the tokens produced up to then
-and no more; closing the generation aborts the engine request, which frees its KV blocks.
+the hold at that usage (leases.py; the bound is in README, Serve).
+
+Work before admission is bounded, cheapest check first: the key (one indexed lookup), its request
+rate (every request counts, refused or not) and a zero balance are checked before the body is
+read; the body is read up to a size limit; prompts that cannot fit are refused by their length in
+characters before they are tokenized; tokenization runs on its own threads, so a huge prompt never
+stalls the event loop (or /health).
+
+A request that produced nothing is released instead of settled. The settle runs shielded from
+cancellation, so a client that disconnects (streamed or not) is billed for the tokens produced up
+to then and no more; closing the generation aborts the engine request, which frees its KV blocks.
 Routes (routes_openai.py, ...) know their API's shapes; this module knows none of them.
 """
 
@@ -24,6 +34,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
 import time
 import uuid
@@ -58,6 +70,7 @@ class Job:
     kind: JobKind
     prompt_ids: list[int]
     params: "SamplingParams"
+    cache_salt: str | None = None # prefix-cache namespace (the tenant); None: shared
     permit: "Permit | None" = None
     reservation: "Reservation | None" = None
     texts: list[str] = field(default_factory=list)            # per output index
@@ -112,20 +125,56 @@ def new_id(prefix: str) -> str:
 
 # ---------------------------------------------------------------------------- reading a request
 async def authenticate(state: ServeState, request: Request) -> "Key":
+    """The caller's key, its request counted against its rate before any other work (401, 429);
+    a key with nothing to spend is refused here too (402), before its body is read."""
     key = await state.authenticate(request)
     if key is None:
         raise ApiError(401, NO_KEY)
+    arrival = state.limiter.arrive(key.id)
+    if not arrival.allowed:
+        headers = {"Retry-After": arrival.retry_after_header} if arrival.retry_after_header else None
+        raise ApiError(arrival.status, arrival.message, None, headers)
+    prices = state.sheet.prices
+    if key.available <= 0 and (prices.input_miss > 0 or prices.output > 0):
+        raise ApiError(402, f"insufficient balance on key {key.name!r}: nothing is available to spend")
     return key
 
 
-async def read_json(request: Request) -> dict:
+async def read_json(request: Request, max_bytes: int) -> dict:
+    """The body as a JSON object, read up to max_bytes (413 beyond, before reading it all when the
+    client declares its length); 400 for invalid JSON or JSON nested too deeply to parse."""
+    too_large = (f"the request body is larger than this server's limit of {max_bytes} bytes "
+                 "(--max-body-bytes)")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ApiError(413, too_large)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ApiError(413, too_large)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
-        body = await request.json()
+        body = json.loads(raw) if size < 2 ** 16 else await asyncio.to_thread(json.loads, raw)
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON too deeply") from None
     except ValueError as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     return body
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client disconnects (call after the body was read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def off_loop(state: ServeState, fn, *args):
+    """fn(*args) on the tokenizer threads, so the event loop keeps serving while it runs."""
+    return await asyncio.get_running_loop().run_in_executor(state.tokenize_pool, functools.partial(fn, *args))
 
 
 def parse_body(body: dict, schema: type[Body]) -> Body:
@@ -151,28 +200,37 @@ def make_sampling_params(**values) -> "SamplingParams":
         raise ApiError(422, str(e), e.param) from None
 
 
-def check_context(state: ServeState, n_prompt: int, max_tokens: int | None, prompt_param: str) -> int:
-    """The request's max_tokens (defaulted), or a 400 stating the prompt, limit and context."""
-    llm = state.llm
-    context = llm.max_model_len
-    if n_prompt == 0:
-        raise ApiError(400, f"{prompt_param}: the prompt is empty; at least 1 token is needed", prompt_param)
-    if n_prompt >= context:
-        raise ApiError(400, f"{prompt_param}: the prompt has {n_prompt} tokens but this model's context is "
-                            f"{context} tokens, which leaves no room to generate", prompt_param)
-    if max_tokens is None:
-        max_tokens = min(state.config.default_max_tokens, context - n_prompt)
-    elif n_prompt + max_tokens > context:
-        raise ApiError(400, f"this model's context is {context} tokens, but {n_prompt + max_tokens} were "
-                            f"requested ({n_prompt} in the prompt, max_tokens={max_tokens}); lower "
-                            "max_tokens or shorten the prompt", "max_tokens")
-    bm = llm.block_manager
-    need = bm.blocks_for(n_prompt + max_tokens - 1)
-    if need > bm.num_blocks:
-        raise ApiError(400, f"this request needs up to {need * bm.block_size} tokens of KV cache ({n_prompt} "
-                            f"prompt + max_tokens={max_tokens}) but the server's cache holds "
-                            f"{bm.num_blocks * bm.block_size}", "max_tokens")
-    return max_tokens
+def check_prompt_chars(state: ServeState, texts: list[str], max_tokens: int | None, param: str) -> None:
+    """Refuse, before tokenizing, text that cannot fit the context: n characters are at least
+    n / max_token_chars tokens (400 stating the numbers)."""
+    per_token = state.tokenizer.max_token_chars
+    least = sum(-(-len(t) // per_token) for t in texts)
+    context = state.llm.max_model_len
+    if least + (max_tokens or 1) > context:
+        chars = sum(len(t) for t in texts)
+        raise ApiError(400, f"{param}: the prompt has {chars} characters, so at least {least} tokens (no token "
+                            f"of this model is longer than {per_token} characters); with max_tokens="
+                            f"{max_tokens or 1} that exceeds this model's context of {context} tokens",
+                       param if least >= context or max_tokens is None else "max_tokens")
+
+
+def default_max_tokens(state: ServeState, n_prompt: int, max_tokens: int | None) -> int:
+    """max_tokens, or the server's default bounded by the room the context leaves (at least 1, so
+    that a prompt that fills the context is refused by `check_request`, naming the prompt)."""
+    if max_tokens is not None:
+        return max_tokens
+    return max(1, min(state.config.default_max_tokens, state.llm.max_model_len - n_prompt))
+
+
+def check_request(state: ServeState, prompt_ids: list[int], params: "SamplingParams", prompt_param: str) -> None:
+    """The engine's own check (vocabulary, context, KV cache, top_k), as a 400 naming the field."""
+    from nanoseek.engine.scheduler import RequestRejected
+
+    try:
+        state.llm.check_request(prompt_ids, params)
+    except RequestRejected as e:
+        param = prompt_param if e.param in (None, "prompt") else e.param
+        raise ApiError(400, f"{param}: {e}", param) from None
 
 
 # ---------------------------------------------------------------------------- admit, generate, settle
@@ -182,7 +240,7 @@ async def admit(state: ServeState, key: "Key", job: Job) -> None:
     from .pricing import max_request_cost
 
     max_output = job.params.max_tokens * job.n
-    decision = state.limiter.acquire(key.id, len(job.prompt_ids) + max_output)
+    decision = state.limiter.acquire(key.id, len(job.prompt_ids) + max_output, count_request=False)
     if not decision.allowed:
         headers = {"Retry-After": decision.retry_after_header} if decision.retry_after_header else None
         raise ApiError(decision.status, decision.message, None, headers)
@@ -205,10 +263,12 @@ async def admit(state: ServeState, key: "Key", job: Job) -> None:
 async def generate(state: ServeState, job: Job, keepalive_s: float | None = None
                    ) -> AsyncIterator["Update | None"]:
     """The engine's updates for the job, each absorbed into it before it is yielded; None while
-    waiting longer than keepalive_s. ValueError if the engine refuses the request. Closing this
-    iterator aborts the engine request."""
-    stream = state.engine.generate(job.id, {"prompt_token_ids": job.prompt_ids}, job.params,
-                                   keepalive_s=keepalive_s)
+    waiting longer than keepalive_s. ValueError if the engine refuses the request, RequestFailed
+    if it fails on it. Closing this iterator aborts the engine request."""
+    prompt = {"prompt_token_ids": job.prompt_ids}
+    if job.cache_salt is not None:
+        prompt["cache_salt"] = job.cache_salt
+    stream = state.engine.generate(job.id, prompt, job.params, keepalive_s=keepalive_s)
     async with contextlib.aclosing(stream):
         async for update in stream:
             if update is not None:

@@ -5,7 +5,8 @@
     limiter = Limiter(KeyLimits(requests_per_minute=60, tokens_per_minute=100_000,
                                 max_concurrent=4), max_queue=256)
     limiter.set_limits(key_id, KeyLimits(requests_per_minute=5))   # a key's own limits (None: default)
-    decision = limiter.acquire(key_id, tokens=prompt_tokens + max_tokens)
+    arrival = limiter.arrive(key_id)       # on arrival, before any work: charges the request
+    decision = limiter.acquire(key_id, tokens=prompt_tokens + max_tokens, count_request=False)
     if not decision.allowed:
         return error(decision.status, decision.message, headers={"Retry-After": decision.retry_after_header})
     try: ... finally: limiter.release(decision.permit, used_tokens=actual_tokens)
@@ -13,7 +14,9 @@
 Requests and tokens use token buckets: a bucket holds up to one minute's allowance and refills
 continuously, so a key may burst its whole minute and then runs at the steady rate. A request is
 charged its estimated tokens (prompt + max_tokens) on admission; `release` refunds what it did
-not use. All checks pass before any bucket is charged, so a refused request costs nothing. The
+not use. All checks pass before any bucket is charged, so a refused request costs nothing, unless
+the server charged its request on arrival (`arrive`, before reading the body): then every request
+a key sends counts toward its requests per minute, whether it is later refused, fails or runs. The
 clock is injected (`clock=`) so tests step time instead of sleeping. One lock guards the state,
 held only for arithmetic, so the limiter is safe from threads and from an asyncio loop.
 """
@@ -122,8 +125,28 @@ class Limiter:
         st = self._keys.get(key)
         return st.running if st else 0
 
-    def acquire(self, key: Hashable, tokens: int = 0) -> Decision:
-        """Admit a request of `tokens` estimated tokens for `key`, or say why not and for how long."""
+    def arrive(self, key: Hashable) -> Decision:
+        """Charge one request to `key` as it arrives, before any work is spent on it; refused (429)
+        when the key's requests per minute are used up. A later `acquire` passes count_request=False."""
+        lim = self.limits_for(key)
+        rpm = lim.requests_per_minute
+        with self._lock:
+            st = self._state(key, lim, self.clock())
+            if rpm is not None:
+                if st.requests < 1:
+                    return self._rate_refusal(st, rpm)
+                st.requests -= 1
+            return Decision(True)
+
+    @staticmethod
+    def _rate_refusal(st: _KeyState, rpm: float) -> Decision:
+        wait = seconds_until(st.requests, 1, rpm)
+        return Decision(False, reason="requests", status=429, retry_after=wait, message=(
+            f"rate limit of {rpm:g} requests per minute reached; retry in {wait:.1f}s"))
+
+    def acquire(self, key: Hashable, tokens: int = 0, count_request: bool = True) -> Decision:
+        """Admit a request of `tokens` estimated tokens for `key`, or say why not and for how long.
+        count_request=False: `arrive` already charged its request."""
         if tokens < 0:
             raise ValueError(f"tokens={tokens} must be >= 0")
         lim = self.limits_for(key)
@@ -143,16 +166,14 @@ class Limiter:
                 return Decision(False, reason="concurrency", status=429, retry_after=1.0, message=(
                     f"this key already has {st.running} requests running, limit "
                     f"{lim.max_concurrent}"))
-            if rpm is not None and st.requests < 1:
-                wait = seconds_until(st.requests, 1, rpm)
-                return Decision(False, reason="requests", status=429, retry_after=wait, message=(
-                    f"rate limit of {rpm:g} requests per minute reached; retry in {wait:.1f}s"))
+            if count_request and rpm is not None and st.requests < 1:
+                return self._rate_refusal(st, rpm)
             if tpm is not None and st.tokens < tokens:
                 wait = seconds_until(st.tokens, tokens, tpm)
                 return Decision(False, reason="tokens", status=429, retry_after=wait, message=(
                     f"rate limit of {tpm:g} tokens per minute reached: this request needs {tokens}, "
                     f"{int(st.tokens)} available; retry in {wait:.1f}s"))
-            if rpm is not None:
+            if count_request and rpm is not None:
                 st.requests -= 1
             if tpm is not None:
                 st.tokens -= tokens

@@ -73,6 +73,7 @@ ERROR_KINDS = {
     402: ("insufficient_balance", "insufficient_balance"),
     403: ("permission_error", "forbidden"),
     404: ("invalid_request_error", "not_found"),
+    413: ("invalid_request_error", "request_too_large"),
     422: ("invalid_request_error", "invalid_value"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
     500: ("server_error", "internal_error"),

@@ -2,22 +2,30 @@
 
     register_openai_routes(app, state)        # called by app.create_app
 
-One request's life: authenticate (401) → validate the body (422 naming the parameter) → build
-the prompt's token ids and check them against the context (400 stating the numbers) → core.admit
-(429 + Retry-After, 503 when the global queue is full, 402) → core.generate → core.close_job.
+One request's life: authenticate, count the request and check the balance (401, 429, 402) → read
+and validate the body (413, 400, 422 naming the parameter) → refuse text that cannot fit by its
+length, then tokenize it off the event loop, message content as text (special-token text in it
+never becomes a control token) → the engine's check of ids and context (400 naming the field) →
+core.admit (429 + Retry-After, 503 when the global queue is full, 402) → core.generate →
+core.close_job. A client that disconnects, streamed or not, aborts its generation and pays for
+the tokens produced until then. An engine failure answers 500 (or an error event) carrying the
+request id and no internals.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import weakref
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from .core import (Job, admit, authenticate, check_context, check_model, close_job, generate,
-                   make_sampling_params, new_id, parse_body, read_json)
+from .core import (Job, admit, authenticate, check_model, check_prompt_chars, check_request, close_job,
+                   default_max_tokens, generate, make_sampling_params, new_id, off_loop, parse_body,
+                   read_json, wait_for_disconnect)
 from .protocol import (SSE_DONE, SSE_KEEP_ALIVE, AssistantMessage, ChatChoice, ChatCompletion,
                        ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs, ChunkChoice, Completion,
                        CompletionChoice, CompletionLogprobs, CompletionRequest, Delta, TokenLogprob,
@@ -26,6 +34,12 @@ from .state import ApiError, ServeState, error_response
 
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 OpenAIRequest = ChatCompletionRequest | CompletionRequest
+log = logging.getLogger("nanoseek.serve")
+
+
+def engine_failure_message(job: Job) -> str:
+    return (f"the server failed while generating this request (request id {job.id}); it was charged "
+            "only for tokens produced before the failure")
 
 
 def finish_reason(reason: str | None) -> str:
@@ -38,56 +52,70 @@ def usage(job: Job) -> Usage:
 
 
 # ---------------------------------------------------------------------------- prompt building
-def chat_prompt_ids(req: ChatCompletionRequest, tokenizer) -> list[int]:
+def chat_messages(req: ChatCompletionRequest) -> list[dict]:
     messages = []
     for i, m in enumerate(req.messages):
         if m.role not in CHAT_ROLES:
             raise ApiError(400, f"messages.{i}.role={m.role!r} is not supported by this model; "
                                 f"use one of {sorted(CHAT_ROLES)}", f"messages.{i}.role")
         messages.append({"role": CHAT_ROLES[m.role], "content": m.text})
+    return messages
+
+
+def chat_prompt_ids(messages: list[dict], tokenizer) -> list[int]:
+    """The template's ids; content is encoded as text (the template writes BOS itself)."""
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return tokenizer.encode_chat(messages, add_generation_prompt=True)
     except ValueError as e:
         raise ApiError(400, f"messages: {e}", "messages") from None
-    return tokenizer.encode(text)  # the template writes BOS itself
 
 
 def completion_prompt_ids(req: CompletionRequest, tokenizer) -> list[int]:
+    """Text prompts are encoded as text: special-token text in them stays text (send token ids to
+    place control tokens)."""
     prompts = req.prompts
     if len(prompts) != 1:
         raise ApiError(400, f"prompt: one prompt per request is supported, got {len(prompts)}", "prompt")
     prompt = prompts[0]
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     if req.suffix is None:
-        return list(prompt) if isinstance(prompt, list) else bos + tokenizer.encode(prompt)
+        return list(prompt) if isinstance(prompt, list) else bos + tokenizer.encode(prompt, split_special_tokens=True)
     fim = (tokenizer.fim_prefix_id, tokenizer.fim_suffix_id, tokenizer.fim_middle_id)
     if None in fim:
         raise ApiError(400, "suffix: this model's tokenizer has no fill-in-the-middle tokens", "suffix")
     if isinstance(prompt, list):
         raise ApiError(400, "suffix needs a text prompt, not token ids", "suffix")
     # prefix-suffix-middle order: the model writes the middle after seeing both sides
-    return bos + [fim[0]] + tokenizer.encode(prompt) + [fim[1]] + tokenizer.encode(req.suffix) + [fim[2]]
+    return (bos + [fim[0]] + tokenizer.encode(prompt, split_special_tokens=True) + [fim[1]]
+            + tokenizer.encode(req.suffix, split_special_tokens=True) + [fim[2]])
 
 
-def build_job(state: ServeState, req: OpenAIRequest) -> Job:
-    """The request as a Job: prompt ids, context check, sampling params (ApiError on each refusal)."""
+async def build_job(state: ServeState, req: OpenAIRequest, cache_salt: str | None) -> Job:
+    """The request as a Job: prompt ids, checks, sampling params (ApiError on each refusal)."""
     check_model(state, req.model)
     if isinstance(req, ChatCompletionRequest):
         kind, prefix, prompt_param = "chat", "chatcmpl-", "messages"
-        prompt_ids = chat_prompt_ids(req, state.tokenizer)
+        messages = chat_messages(req)
+        check_prompt_chars(state, [m["content"] for m in messages], req.max_tokens, prompt_param)
+        prompt_ids = await off_loop(state, chat_prompt_ids, messages, state.tokenizer)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
     else:
         kind, prefix, prompt_param = "completion", "cmpl-", "prompt"
-        prompt_ids = completion_prompt_ids(req, state.tokenizer)
+        if req.echo:
+            raise ApiError(400, "echo=true is not supported: the response holds only the completion", "echo")
+        texts = [p for p in req.prompts if isinstance(p, str)] + ([req.suffix] if req.suffix else [])
+        check_prompt_chars(state, texts, req.max_tokens, prompt_param)
+        prompt_ids = await off_loop(state, completion_prompt_ids, req, state.tokenizer)
         logprobs = req.logprobs
-    max_tokens = check_context(state, len(prompt_ids), req.max_tokens, prompt_param)
     params = make_sampling_params(
         n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=-1 if not req.top_k or req.top_k < 0 else req.top_k,
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-        max_tokens=max_tokens, stop=req.stop_list, seed=req.seed, logprobs=logprobs)
-    return Job(new_id(prefix), kind, prompt_ids, params)
+        max_tokens=default_max_tokens(state, len(prompt_ids), req.max_tokens), stop=req.stop_list,
+        seed=req.seed, logprobs=logprobs)
+    check_request(state, prompt_ids, params, prompt_param)
+    return Job(new_id(prefix), kind, prompt_ids, params, cache_salt=cache_salt)
 
 
 # ---------------------------------------------------------------------------- response shapes
@@ -157,8 +185,8 @@ def register_openai_routes(app: FastAPI, state: ServeState) -> None:
     async def handle(request: Request, schema: type[OpenAIRequest], route: str):
         try:
             key = await authenticate(state, request)
-            req = parse_body(await read_json(request), schema)
-            job = build_job(state, req)
+            req = parse_body(await read_json(request, state.max_body_bytes), schema)
+            job = await build_job(state, req, state.cache_salt(key))
             await admit(state, key, job)
         except ApiError as e:
             state.metrics.request_done(route, e.status)
@@ -172,18 +200,45 @@ def register_openai_routes(app: FastAPI, state: ServeState) -> None:
                 lambda: loop.create_task(close_job(state, job, route, 499))))
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Request-Id": job.id})
-        status = 200
-        try:
+        return await whole(request, req, job, route)
+
+    async def whole(request: Request, req: OpenAIRequest, job: Job, route: str):
+        """Generate to the end, unless the client disconnects first: then the generation is
+        aborted and only what was produced is billed."""
+        from nanoseek.engine.llm import RequestFailed
+
+        async def run() -> None:
             async for _ in generate(state, job):
                 pass
+
+        status = 200
+        gen = asyncio.ensure_future(run())
+        gone = asyncio.ensure_future(wait_for_disconnect(request))
+        try:
+            await asyncio.wait({gen, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not gen.done():  # the client left: stop generating for it
+                status = 499
+                gen.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await gen
+                return Response(status_code=499)
+            gen.result()
         except ValueError as e:  # the engine refused it after all
             status = 400
-            return error_response(400, str(e))
+            return error_response(400, str(e), getattr(e, "param", None), {"X-Request-Id": job.id})
+        except RequestFailed as e:
+            status = 500
+            log.error("request %s failed in the engine: %s", job.id, e.error)
+            return error_response(500, engine_failure_message(job), None, {"X-Request-Id": job.id})
         finally:
+            gone.cancel()
+            gen.cancel()
             await close_job(state, job, route, status)
         return JSONResponse(whole_response(state, req, job).model_dump(), headers={"X-Request-Id": job.id})
 
     async def stream(req: OpenAIRequest, job: Job, route: str):
+        from nanoseek.engine.llm import RequestFailed
+
         status, closed = 200, False
         try:
             if job.kind == "chat":  # the role comes first, as OpenAI sends it
@@ -203,7 +258,11 @@ def register_openai_routes(app: FastAPI, state: ServeState) -> None:
             yield SSE_DONE
         except ValueError as e:
             status = 400
-            yield f"data: {json.dumps(error_for_status(400, str(e)))}\n\n"
+            yield f"data: {json.dumps(error_for_status(400, str(e), getattr(e, 'param', None)))}\n\n"
+        except RequestFailed as e:
+            status = 500
+            log.error("request %s failed in the engine: %s", job.id, e.error)
+            yield f"data: {json.dumps(error_for_status(500, engine_failure_message(job)))}\n\n"
         finally:
             if not closed:
                 await close_job(state, job, route, status)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,9 +59,22 @@ class ServeConfig:
     lease_ttl_s: float = 30.0
     record_every_tokens: int = 32
     record_every_s: float = 2.0
+    max_body_bytes: int | None = None    # request body limit (413); None: derived from the context
+    tokenizer_threads: int = 2           # prompts are tokenized on these, off the event loop
+    shared_prefix_cache: bool = False    # True: all keys share cached prefixes (one tenant only)
 
     def limits(self) -> KeyLimits:
         return KeyLimits(self.requests_per_minute, self.tokens_per_minute, self.max_concurrent)
+
+
+BODY_BYTES_PER_TOKEN = 32   # generous: JSON escapes a CJK character to 6 bytes, and it is ~1 token
+BODY_BYTES_BASE = 2 ** 20
+
+
+def default_body_limit(max_model_len: int) -> int:
+    """The largest request body worth reading for a model with this context: 1 MiB plus 32 bytes per
+    context token. A body beyond it cannot hold a prompt that fits (but with unusual tokens)."""
+    return BODY_BYTES_BASE + BODY_BYTES_PER_TOKEN * max_model_len
 
 
 class ApiError(Exception):
@@ -104,6 +118,13 @@ class ServeState:
         self.key_admin = KeyAdmin(accounts)
         self.metrics = ServeMetrics(engine)
         self.started = time.time()
+        self.max_body_bytes = config.max_body_bytes or default_body_limit(engine.max_model_len)
+        self.tokenize_pool = ThreadPoolExecutor(max(1, config.tokenizer_threads),
+                                                thread_name_prefix="nanoseek-tokenize")
+
+    def cache_salt(self, key: "Key") -> str | None:
+        """The prefix-cache namespace of a key's requests: its account, unless all share one."""
+        return None if self.config.shared_prefix_cache else f"key:{key.id}"
 
     async def authenticate(self, request: Request) -> "Key | None":
         """The caller's active key, or None (401). The limiter learns the key's own limits here

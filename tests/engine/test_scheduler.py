@@ -288,7 +288,7 @@ def test_bad_requests_are_rejected_with_the_numbers_and_change_nothing():
         (Sequence("empty", [], SamplingParams()), "empty prompt"),
         (Sequence("vocab", [1, VOCAB, -1], SamplingParams()), r"outside the vocabulary \[0, 97\)"),
         (Sequence("blocks", [1] * 30, SamplingParams(max_tokens=8)),
-         r"needs up to 10 KV blocks of 4 tokens \(30 prompt \+ 8 max_tokens\) but the cache has 8"),
+         r"request .blocks.: the request needs up to 10 KV blocks of 4 tokens \(30 prompt \+ 8 max_tokens\) but the cache has 8"),
     ]
     for seq, msg in cases:
         with pytest.raises(RequestRejected, match=msg):

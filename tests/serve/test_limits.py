@@ -46,6 +46,19 @@ def test_requests_per_minute_with_retry_after():
     assert lim.acquire("other").allowed  # keys do not share buckets
 
 
+def test_arrive_charges_every_request_before_any_work():
+    clock = Clock()
+    lim = Limiter(KeyLimits(requests_per_minute=2, tokens_per_minute=100), clock=clock)
+    assert lim.arrive("k").allowed  # refused later (a bad body): still counted
+    assert lim.arrive("k").allowed
+    d = lim.acquire("k", tokens=10, count_request=False)  # admission does not count it twice
+    assert d.allowed
+    lim.release(d.permit, 10)
+    refused = lim.arrive("k")
+    assert (refused.allowed, refused.reason, refused.status, refused.retry_after_header) == (False, "requests", 429, "30")
+    assert lim.in_flight == 0
+
+
 def test_tokens_per_minute_charges_estimate_and_refunds_unused():
     clock = Clock()
     lim = Limiter(KeyLimits(tokens_per_minute=1000), clock=clock)
