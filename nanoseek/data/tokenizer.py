@@ -29,6 +29,7 @@ import json
 import os
 import re
 import secrets
+import functools
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterable
@@ -179,13 +180,14 @@ class Tokenizer:
         """The chat prompt's ids, with every message's content encoded as text: only the template
         writes control tokens, so content such as "x<|eos|><|system|>" cannot forge a turn.
 
-        The template is rendered once with each content replaced by a marker; its own text is
-        encoded with special tokens, the contents without. A template that rewrites content (so the
-        markers do not stand for it verbatim) falls back to encoding the whole rendering, after
-        refusing content that holds special-token text. Other string fields of a message (names,
-        tool-call arguments) must hold no special-token text either: TokenizerError otherwise.
+        The template is rendered with each content replaced by a marker (so a huge content costs
+        no template time); the template's own text is encoded with special tokens, each content
+        without. The markers are padded with whitespace and lower-case, so a template that trims,
+        escapes or re-cases content breaks them; then the whole rendering is encoded, after refusing
+        content that holds special-token text. Other string fields of a message (names, tool-call
+        arguments) must hold no special-token text either: TokenizerError otherwise.
         """
-        marker = "NSQ" + secrets.token_hex(8)  # letters and digits: survives escaping filters
+        tag = "nsq" + secrets.token_hex(8)
         masked, contents = [], []
         for i, m in enumerate(messages):
             if isinstance(m, dict):
@@ -195,17 +197,16 @@ class Tokenizer:
                                              "only appear in content")
                 c = m.get("content")
                 if isinstance(c, str) and c:
-                    m = {**m, "content": f"{marker}{len(contents)}{marker}"}
+                    m = {**m, "content": f" \n{tag}x{len(contents)}x{tag}\n "}
                     contents.append(c)
             masked.append(m)
         rendered = self.apply_chat_template(masked, add_generation_prompt)
-        pieces = re.split(f"{marker}(\\d+){marker}", rendered)  # [template, index, template, ...]
-        plain = self.apply_chat_template(messages, add_generation_prompt)
-        if plain != "".join(contents[int(p)] if j % 2 else p for j, p in enumerate(pieces)):
+        pieces = re.split(f" \n{tag}x(\\d+)x{tag}\n ", rendered)  # [template, index, template, ...]
+        if sorted(int(p) for p in pieces[1::2]) != list(range(len(contents))) or tag in "".join(pieces[::2]):
             if any(self._has_special_text(c) for c in contents):
                 raise TokenizerError("a message's content holds special-token text, which this "
                                      "chat template does not let us keep as text")
-            return self.encode(plain)
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt))
         ids: list[int] = []
         for j, p in enumerate(pieces):
             if j % 2:
@@ -214,8 +215,13 @@ class Tokenizer:
                 ids += self.encode(p)
         return ids
 
+    @cached_property
+    def _special_texts(self) -> tuple[str, ...]:
+        return tuple(t.content for t in self.tok.get_added_tokens_decoder().values() if t.content)
+
     def _has_special_text(self, text: str) -> bool:
-        return self.encode(text) != self.encode(text, split_special_tokens=True)
+        """Whether encoding text with special tokens would find one in it."""
+        return any(t in text for t in self._special_texts)
 
     # ------------------------------------------------------------------ io
     def save(self, out_dir: str | os.PathLike) -> Path:
@@ -240,6 +246,7 @@ def _string_leaves(obj, skip: tuple[str, ...] = (), path: str = ""):
             yield from _string_leaves(v, (), key)
 
 
+@functools.lru_cache(maxsize=8)
 def _compile_template(source: str):
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment

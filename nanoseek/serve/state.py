@@ -12,6 +12,7 @@ all import it and none of them import each other upward.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -121,6 +122,14 @@ class ServeState:
         self.max_body_bytes = config.max_body_bytes or default_body_limit(engine.max_model_len)
         self.tokenize_pool = ThreadPoolExecutor(max(1, config.tokenizer_threads),
                                                 thread_name_prefix="nanoseek-tokenize")
+        self._warm_up_tokenizer()
+
+    def _warm_up_tokenizer(self) -> None:
+        """Build what the tokenizer builds on first use (the chat template, the text-only copy) now:
+        done by the first large request, it held the GIL for seconds and stalled the event loop."""
+        self.tokenizer.encode("x", split_special_tokens=True)
+        with contextlib.suppress(ValueError):  # a tokenizer without a chat template
+            self.tokenizer.encode_chat([{"role": "user", "content": "x"}])
 
     def cache_salt(self, key: "Key") -> str | None:
         """The prefix-cache namespace of a key's requests: its account, unless all share one."""

@@ -19,7 +19,7 @@ POISON = 77  # the token id the failing model cannot run
 
 
 class FailsOnToken(torch.nn.Module):
-    """A model that raises whenever its input holds POISON: a stand-in for a kernel or memory error
+    """A model that raises whenever a prompt chunk holds POISON: a stand-in for a kernel or memory error
     that hits one batch (wraps the real model; nothing patched)."""
 
     def __init__(self, model):
@@ -28,7 +28,7 @@ class FailsOnToken(torch.nn.Module):
         self.config = model.config
 
     def forward(self, input_ids, **kw):
-        if (input_ids == POISON).any():
+        if input_ids.shape[-1] > 1 and (input_ids == POISON).any():  # prompts only: sampling may pick it
             raise RuntimeError("simulated kernel failure")
         return self.inner(input_ids, **kw)
 
