@@ -1,6 +1,6 @@
 """One generation core under every API route: admit → reserve → generate → settle.
 
-    key = await authenticate(state, request)      # 401; then 429 / 402 before the body is read
+    key = await authenticate_generation(state, request)   # 401; then 429 / 402 before the body is read
     req = parse_body(await read_json(request, state.max_body_bytes), ChatCompletionRequest)  # 413/400/422
     check_prompt_chars(state, texts, req.max_tokens, "messages")  # 400 before tokenizing
     prompt_ids = await off_loop(state, tokenizer.encode_chat, messages)   # on the tokenizer threads
@@ -125,11 +125,16 @@ def new_id(prefix: str) -> str:
 
 # ---------------------------------------------------------------------------- reading a request
 async def authenticate(state: ServeState, request: Request) -> "Key":
-    """The caller's key, its request counted against its rate before any other work (401, 429);
-    a key with nothing to spend is refused here too (402), before its body is read."""
     key = await state.authenticate(request)
     if key is None:
         raise ApiError(401, NO_KEY)
+    return key
+
+
+async def authenticate_generation(state: ServeState, request: Request) -> "Key":
+    """The caller's key, its request counted against its rate before any other work (401, 429);
+    a key with nothing to spend is refused here too (402), before its body is read."""
+    key = await authenticate(state, request)
     arrival = state.limiter.arrive(key.id)
     if not arrival.allowed:
         headers = {"Retry-After": arrival.retry_after_header} if arrival.retry_after_header else None
@@ -140,7 +145,7 @@ async def authenticate(state: ServeState, request: Request) -> "Key":
     return key
 
 
-async def read_json(request: Request, max_bytes: int) -> dict:
+async def read_json(request: Request, max_bytes: int = 2 ** 20) -> dict:
     """The body as a JSON object, read up to max_bytes (413 beyond, before reading it all when the
     client declares its length); 400 for invalid JSON or JSON nested too deeply to parse."""
     too_large = (f"the request body is larger than this server's limit of {max_bytes} bytes "

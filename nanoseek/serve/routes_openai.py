@@ -23,9 +23,9 @@ import weakref
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from .core import (Job, admit, authenticate, check_model, check_prompt_chars, check_request, close_job,
-                   default_max_tokens, generate, make_sampling_params, new_id, off_loop, parse_body,
-                   read_json, wait_for_disconnect)
+from .core import (Job, admit, authenticate_generation, check_model, check_prompt_chars, check_request,
+                   close_job, default_max_tokens, generate, make_sampling_params, new_id, off_loop,
+                   parse_body, read_json, wait_for_disconnect)
 from .protocol import (SSE_DONE, SSE_KEEP_ALIVE, AssistantMessage, ChatChoice, ChatCompletion,
                        ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs, ChunkChoice, Completion,
                        CompletionChoice, CompletionLogprobs, CompletionRequest, Delta, TokenLogprob,
@@ -184,7 +184,7 @@ def usage_event(state: ServeState, job: Job) -> str:
 def register_openai_routes(app: FastAPI, state: ServeState) -> None:
     async def handle(request: Request, schema: type[OpenAIRequest], route: str):
         try:
-            key = await authenticate(state, request)
+            key = await authenticate_generation(state, request)
             req = parse_body(await read_json(request, state.max_body_bytes), schema)
             job = await build_job(state, req, state.cache_salt(key))
             await admit(state, key, job)
