@@ -114,7 +114,7 @@ async def build_job(state: ServeState, req: OpenAIRequest, cache_salt: str | Non
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         max_tokens=default_max_tokens(state, len(prompt_ids), req.max_tokens), stop=req.stop_list,
         seed=req.seed, logprobs=logprobs)
-    check_request(state, prompt_ids, params, prompt_param)
+    await off_loop(state, check_request, state, prompt_ids, params, prompt_param)  # O(prompt) in Python
     return Job(new_id(prefix), kind, prompt_ids, params, cache_salt=cache_salt)
 
 
