@@ -171,10 +171,10 @@ def test_deeply_nested_json_is_a_400(server):
 
 
 def test_refused_requests_count_toward_the_rate_and_a_broke_key_is_refused_before_its_body(server):
-    from nanoseek.serve.limits import KeyLimits
+    from nanoseek.serve.key_admin import LimitsUpdate
 
     key, secret = new_key(server, "abuser")
-    server.state.limiter.overrides[key.id] = KeyLimits(requests_per_minute=3)
+    server.state.key_admin.set_limits(key.id, LimitsUpdate(requests_per_minute=3))  # the key's own limit
     for bad in (b"not json", chat_body(temperature=9), chat_body(model="other")):
         assert post(server, secret, CHAT, bad).status_code in (400, 404, 422)
     r = post(server, secret, CHAT, chat_body())
