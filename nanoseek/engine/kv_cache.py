@@ -7,17 +7,19 @@ table: token position p of a sequence lives in slot block_table[p // block_size]
 + p % block_size of every layer's pool.
 
     cache = PagedKVCache(cfg, num_blocks=256, block_size=64)
-    view = cache.batch(rows, packed)   # rows: [(block_table, start, num_new)], one per model row
-    logits = model(ids, positions=view.positions, mask=view.mask, cache=view, ...)
+    meta = cache.metadata(backend, [(block_table, start), ...], num_new=1, absorb=True)
+    hidden = model(ids, attn_metadata=meta)     # the backend (nanoseek.engine.backends) stores and reads
+
+One extra block past num_blocks is allocated and never handed out: padding rows of a bucketed batch
+write there, so they can never overwrite a real sequence's keys.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.backend import AttentionMetadata
 
 
 def dtype_size(dtype: torch.dtype) -> int:
@@ -31,8 +33,10 @@ class PagedKVCache:
             raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be >= 1")
         self.cfg, self.num_blocks, self.block_size = cfg, num_blocks, block_size
         self.dim, self.dtype, self.device = cfg.kv_cache_dim, dtype, torch.device(device)
-        self.pools = [torch.zeros(num_blocks, block_size, self.dim, dtype=dtype, device=self.device)
+        # block num_blocks is the padding block (never in a block table)
+        self.pools = [torch.zeros(num_blocks + 1, block_size, self.dim, dtype=dtype, device=self.device)
                       for _ in range(cfg.num_hidden_layers)]
+        self.pad_slot = num_blocks * block_size
 
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
@@ -44,39 +48,38 @@ class PagedKVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.pools)
+        """Bytes of the usable blocks (the padding block not counted)."""
+        return sum(p[: self.num_blocks].numel() * p.element_size() for p in self.pools)
 
-    def batch(self, rows: list[tuple[list[int], int, int]], packed: bool) -> "BatchView":
-        """Slots, positions and mask for one forward.
+    def metadata(self, backend, rows: list[tuple[list[int], int]], num_new: int, absorb: bool,
+                 max_seq_len: int | None = None, num_rows: int | None = None) -> AttentionMetadata:
+        """The step's AttentionMetadata for rows [(block_table, start)], each with num_new new tokens at
+        positions start.. (built on the host, moved to the device in one go per tensor).
 
-        rows: (block_table, start, num_new) per model row: num_new tokens at positions start...
-        packed=True: one sequence, any number of new tokens (causal; None mask when start == 0).
-        packed=False: one new token per row (decode), keys padded to the longest row.
-        """
-        bs, dev = self.block_size, self.device
-
-        def slots(table: list[int], lo: int, hi: int) -> torch.Tensor:
-            p = torch.arange(lo, hi)
-            return torch.tensor(table, dtype=torch.long)[p // bs] * bs + p % bs
-
-        if packed:
-            assert len(rows) == 1, "the packed layout holds one sequence"
-            table, s, n = rows[0]
-            write, read = slots(table, s, s + n), slots(table, 0, s + n)[None]  # [T], [1, S]
-            positions = torch.arange(s, s + n)[None]
-            mask = None if s == 0 else torch.ones(n, s + n, dtype=torch.bool).tril(s)[None]  # [1, T, S]
-        else:
-            assert all(n == 1 for _, _, n in rows), "the padded layout is for one new token per row"
-            S = max(s + 1 for _, s, _ in rows)
-            read = torch.zeros(len(rows), S, dtype=torch.long)
-            mask = torch.zeros(len(rows), 1, S, dtype=torch.bool)
-            for i, (table, s, _) in enumerate(rows):
-                read[i, : s + 1] = slots(table, 0, s + 1)
-                mask[i, 0, : s + 1] = True
-            write = torch.cat([slots(t, s, s + 1) for t, s, _ in rows])
-            positions = torch.tensor([[s] for _, s, _ in rows])
-        return BatchView(self, write.to(dev), read.to(dev), positions.to(dev),
-                         None if mask is None else mask.to(dev))
+        max_seq_len / num_rows: pad the key length and the batch to a bucket (compiled decode). Padding
+        rows have num_new keys, all in the pool's reserved padding block (`pad_slot`), which no real
+        row's table holds; padding past a row's own blocks points at block 0 and is masked."""
+        bs = self.block_size
+        lens = [start + num_new for _, start in rows]
+        S = max(lens) if max_seq_len is None else max_seq_len
+        if S < max(lens):
+            raise ValueError(f"max_seq_len={S} is below the longest row ({max(lens)} keys)")
+        nb = -(-S // bs)
+        B = len(rows) if num_rows is None else num_rows
+        tables = torch.zeros(B, nb, dtype=torch.long)
+        tables[len(rows):] = self.num_blocks  # padding rows see only the padding block
+        slots = torch.full((B, num_new), self.pad_slot, dtype=torch.long)
+        seq_lens = torch.full((B,), num_new, dtype=torch.long)
+        for i, (table, start) in enumerate(rows):
+            t = torch.tensor(table[:nb], dtype=torch.long)
+            tables[i, : len(t)] = t
+            p = torch.arange(start, start + num_new)
+            slots[i] = t[p // bs] * bs + p % bs
+            seq_lens[i] = lens[i]
+        dev = self.device
+        return AttentionMetadata(backend, seq_lens.to(dev), S, num_new, slot_mapping=slots.reshape(-1).to(dev),
+                                 block_tables=tables.to(dev), keys_are_new=all(s == 0 for _, s in rows),
+                                 absorb=absorb)
 
     # ---------------------------------------------------------------- whole blocks (disk cache)
     def read_block(self, block_id: int) -> torch.Tensor:
@@ -89,19 +92,3 @@ class PagedKVCache:
             raise ValueError(f"block data has shape {tuple(data.shape)}, expected {expect}")
         for pool, layer in zip(self.pools, data):
             pool[block_id].copy_(layer)
-
-
-@dataclass
-class BatchView:
-    """The cache as one forward sees it (implements the model's KVCache protocol)."""
-
-    cache: PagedKVCache
-    write_slots: torch.Tensor  # [sum num_new] flat pool slots of the new tokens, in model order
-    read_slots: torch.Tensor  # [B, S] flat pool slots of every key each row sees (padding: 0)
-    positions: torch.Tensor  # [B, T]
-    mask: torch.Tensor | None  # [B, T, S]; None: causal over one whole prompt
-
-    def update(self, layer_idx: int, new: torch.Tensor) -> torch.Tensor:
-        pool = self.cache.pools[layer_idx].view(-1, self.cache.dim)  # [blocks * block_size, D]
-        pool.index_copy_(0, self.write_slots, new.reshape(-1, new.shape[-1]).to(pool.dtype))
-        return pool[self.read_slots].to(new.dtype)  # [B, S, D]

@@ -32,6 +32,7 @@ from typing import Any, Hashable, Iterable
 
 import torch
 
+from nanoseek.engine.backends import choose_backend
 from nanoseek.engine.block_manager import BlockManager
 from nanoseek.engine.detokenize import IncrementalDetokenizer
 from nanoseek.engine.disk_cache import DiskCache, model_fingerprint
@@ -107,7 +108,8 @@ class LLMEngine:
                  kv_cache_bytes: int | None = None, kv_cache_fraction: float = 0.2,
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  cache_dir: str | os.PathLike | None = None, disk_cache_bytes: int = 2 ** 30,
-                 cache_dtype: torch.dtype | None = None, tune_kernels: bool = True):
+                 cache_dtype: torch.dtype | None = None, tune_kernels: bool = True,
+                 attention_backend: str = "auto", enforce_eager: bool = True):
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = self.config = model.config
@@ -133,11 +135,14 @@ class LLMEngine:
                                           external_lookup=self.disk.stage if self.disk else None)
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, self.block_manager,
                                    self.max_model_len, eos_token_ids=cfg.eos_token_ids, vocab_size=cfg.vocab_size)
-        self.runner = ModelRunner(model, self.cache, self.disk)
         self.kernel_report: list[dict] = []
         if tune_kernels and device.type == "cpu":  # pick this host's faster projection kernels
             self.kernel_report = tune(model, max_rows=min(MAX_ROWS, max_num_seqs))
             log.info("%s", format_report(self.kernel_report))
+        self.backend, self.backend_timings = choose_backend(self.cache, cfg, attention_backend, max_num_seqs)
+        log.info("attention backend: %s (decode timings: %s)", self.backend.name,
+                 {k: f"{v * 1e6:.0f} us" for k, v in self.backend_timings.items()})
+        self.runner = ModelRunner(model, self.cache, self.backend, self.disk)
         self._requests: dict[str, RequestOutput] = {}
         self._children: dict[Hashable, tuple[str, _Child]] = {}
         self._params: dict[str, SamplingParams] = {}

@@ -1,13 +1,15 @@
-"""ModelRunner: one scheduler step on the model — build the batch, run it over the paged cache, sample.
+"""ModelRunner: one scheduler step on the model — build the metadata, run the model, sample on its device.
 
-    runner = ModelRunner(model, cache, disk=None)
+    runner = ModelRunner(model, cache, backend, disk=None)
     sampled = runner.execute(sched_out, params_of, generators_of)   # {seq_id: SampleResult}
 
 Each step runs in at most a few forwards:
-- all sequences that decode one token together, one model row each, keys padded to the longest
-  (absorbed MLA over the latent, so only the L+R-wide cache is read);
-- each prompt chunk on its own row: a whole prompt from position 0 is plain causal attention (the
-  fused SDPA kernels), a chunk after cached tokens has an explicit [T, S] mask.
+- all sequences that decode one token together, one model row each (absorbed MLA over the latent,
+  through the attention backend, optionally a compiled step per batch bucket: compile.py);
+- each prompt chunk on its own row: a whole prompt from position 0 is plain causal attention over its
+  own keys (the fused SDPA kernels), a chunk after cached tokens attends through the backend.
+The metadata (slot mapping, block tables, sequence lengths) is built once per forward on the host and
+moved to the device; nothing on the model's side reads a value back until the sampled ids.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from nanoseek.engine.disk_cache import DiskCache
 from nanoseek.engine.kv_cache import PagedKVCache
 from nanoseek.engine.sampling import SamplingParams, sample
 from nanoseek.engine.scheduler import SchedulerOutput
-from nanoseek.model.transformer import CausalLM, prefer_absorbed
+from nanoseek.model.backend import prefer_absorbed
+from nanoseek.model.transformer import CausalLM
 
 
 @dataclass
@@ -32,8 +35,10 @@ class SampleResult:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: PagedKVCache, disk: DiskCache | None = None):
-        self.model, self.cache, self.disk = model, cache, disk
+    def __init__(self, model: CausalLM, cache: PagedKVCache, backend, disk: DiskCache | None = None,
+                 decode_step=None):
+        self.model, self.cache, self.backend, self.disk = model, cache, backend, disk
+        self.decode_step = decode_step  # compile.CompiledDecode, or None: eager
         self.device = next(model.parameters()).device
         self.eos_token_ids = model.config.eos_token_ids
 
@@ -66,29 +71,42 @@ class ModelRunner:
 
     def _forward(self, items) -> tuple[torch.Tensor | None, list]:
         packed = len(items) == 1  # one sequence, any number of new tokens; else one token per row
-        view = self.cache.batch([(s.seq.block_table, s.start, s.num_new_tokens) for s in items], packed)
-        ids = torch.tensor([t for s in items for t in s.token_ids], device=self.device)
-        input_ids = ids[None] if packed else ids[:, None]  # [1, T] or [B, 1]
-        ends = torch.tensor([items[0].num_new_tokens - 1]) if packed else torch.arange(len(items))
+        T = items[0].num_new_tokens if packed else 1
         rows = [i for i, s in enumerate(items) if s.needs_sample and not s.seq.is_finished]
+        ids = [t for s in items for t in s.token_ids]
         cfg = self.model.config
-        absorb = cfg.is_mla and prefer_absorbed(cfg, input_ids.shape[1])
-        logits = self.model(input_ids, positions=view.positions, mask=view.mask, cache=view, absorb=absorb,
-                            logits_index=ends[rows or [0]].to(self.device))  # [n, V]
+        absorb = cfg.is_mla and prefer_absorbed(cfg, T)
+        tables = [(s.seq.block_table, s.start) for s in items]
+        if self.decode_step is not None and not packed and absorb:
+            logits = self.decode_step(ids, tables, rows or [0])  # [n, V]
+            return logits, [items[i].seq for i in rows]
+        meta = self.cache.metadata(self.backend, tables, num_new=T, absorb=absorb)
+        input_ids = torch.tensor(ids, device=self.device).view(len(items), T)  # [B, T]
+        ends = [T - 1] if packed else rows or [0]
+        hidden = self.model(input_ids, attn_metadata=meta)  # [B, T, C]
+        logits = self.model.compute_logits(hidden, torch.tensor(ends, device=self.device))  # [n, V]
         return logits, [items[i].seq for i in rows]
+
+    def allowed_tokens(self, seqs) -> torch.Tensor | None:
+        """[n, V] bool of the tokens each sampling row may take (structured output); None: all."""
+        return None
 
     def _sample(self, logits, seqs, params_of, generator_of) -> dict[Hashable, SampleResult]:
         params = [params_of(s.seq_id) for s in seqs]
-        res = sample(logits.float().cpu(), params, [s.prompt_token_ids for s in seqs],
+        res = sample(logits, params, [s.prompt_token_ids for s in seqs],
                      [s.output_token_ids for s in seqs], [generator_of(s.seq_id) for s in seqs],
-                     eos_token_ids=self.eos_token_ids)
+                     eos_token_ids=self.eos_token_ids, allowed=self.allowed_tokens(seqs))
+        token_ids = res.token_ids.tolist()  # the one read back per step
+        want_logprobs = any(p.logprobs is not None for p in params)
+        logprobs = res.logprobs.tolist() if want_logprobs else None
+        top_ids = res.top_token_ids.tolist() if res.top_token_ids is not None else None
+        top_lps = res.top_logprobs.tolist() if res.top_logprobs is not None else None
         results = {}
         for j, (seq, p) in enumerate(zip(seqs, params)):
-            r = SampleResult(int(res.token_ids[j]))
+            r = SampleResult(int(token_ids[j]))
             if p.logprobs is not None:
-                r.logprob = float(res.logprobs[j])
+                r.logprob = float(logprobs[j])
                 if p.logprobs > 0:
-                    r.top = [(int(t), float(lp)) for t, lp in
-                             zip(res.top_token_ids[j, :p.logprobs], res.top_logprobs[j, :p.logprobs])]
+                    r.top = list(zip(top_ids[j][:p.logprobs], top_lps[j][:p.logprobs]))
             results[seq.seq_id] = r
         return results

@@ -136,11 +136,12 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: Sequence[Sequence[int]],
     Only the columns of tokens that occur are touched: the cost follows the tokens seen, not V.
     """
     logits = logits.clone()
+    dev = logits.device
     for row in range(logits.shape[0]):
         p, f, r = float(presence[row]), float(frequency[row]), float(repetition[row])
-        out = torch.as_tensor(list(output_ids[row]), dtype=torch.long)
+        out = torch.as_tensor(list(output_ids[row]), dtype=torch.long).to(dev)
         if r != 1.0:
-            seen = torch.cat([torch.as_tensor(list(prompt_ids[row]), dtype=torch.long), out]).unique()
+            seen = torch.cat([torch.as_tensor(list(prompt_ids[row]), dtype=torch.long).to(dev), out]).unique()
             vals = logits[row, seen]
             logits[row, seen] = torch.where(vals > 0, vals / r, vals * r)
         if (p or f) and len(out):
@@ -206,17 +207,27 @@ def random_sample(probs: torch.Tensor,
     do not depend on the other rows. probs need not be normalised; zero entries are never drawn.
     """
     B, V = probs.shape
-    u = torch.empty(B, 1, dtype=torch.float64)                        # [B, 1]
+    u = torch.empty(B, 1, dtype=torch.float64)                        # [B, 1], drawn on the host
     unseeded = [i for i, g in enumerate(generators) if g is None]
     if unseeded:
         u[unseeded] = torch.rand(len(unseeded), 1, dtype=torch.float64)
     for i, g in enumerate(generators):
         if g is not None:
             u[i] = torch.rand(1, generator=g, dtype=torch.float64)
+    u = u.to(probs.device)
     cdf = probs.to(torch.float64).cumsum(dim=-1)                       # [B, V]
     total = cdf[:, -1:]
     target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=V - 1)
+
+
+def apply_allowed(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """Structured output: logits [B, V] set to -inf where allowed [B, V] (bool) is False."""
+    if allowed is None:
+        return logits
+    if allowed.shape != logits.shape:
+        raise ValueError(f"allowed-token mask has shape {tuple(allowed.shape)}, logits {tuple(logits.shape)}")
+    return logits.masked_fill(~allowed.to(logits.device), -math.inf)
 
 
 def mask_tokens(logits: torch.Tensor, rows_to_ids: dict[int, list[int]]) -> torch.Tensor:
@@ -236,12 +247,14 @@ def mask_tokens(logits: torch.Tensor, rows_to_ids: dict[int, list[int]]) -> torc
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            prompt_ids: Sequence[Sequence[int]], output_ids: Sequence[Sequence[int]],
            generators: Sequence[torch.Generator | None] | None = None,
-           eos_token_ids: Sequence[int] = ()) -> SamplerOutput:
-    """Next token for each row of logits [B, V] under that row's params.
+           eos_token_ids: Sequence[int] = (), allowed: torch.Tensor | None = None) -> SamplerOutput:
+    """Next token for each row of logits [B, V] under that row's params, on the logits' device.
 
     prompt_ids / output_ids: each row's prompt and generated tokens (for penalties and min_tokens).
     generators: one per row (None for unseeded rows); the caller keeps each request's generator
     across steps so a seeded request continues its own stream.
+    allowed [B, V] bool: the tokens each row may take (structured output's token bitmask, applied
+    after penalties, just before the choice); None: every token.
     """
     B, V = logits.shape
     for name, xs in (("params", params), ("prompt_ids", prompt_ids), ("output_ids", output_ids)):
@@ -264,15 +277,17 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
                             [p.frequency_penalty for p in params],
                             [p.repetition_penalty for p in params])
 
+    x = apply_allowed(x, allowed)
     token_ids = x.argmax(dim=-1)
     rand_rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if rand_rows:
         sub = [params[i] for i in rand_rows]
         y = x[rand_rows]                                                   # [b, V]
-        y = apply_temperature(y, torch.tensor([float(p.temperature) for p in sub]))
-        y = apply_top_k(y, torch.tensor([p.top_k for p in sub]))
-        y = apply_top_p(y, torch.tensor([float(p.top_p) for p in sub]))
-        y = apply_min_p(y, torch.tensor([float(p.min_p) for p in sub]))
+        dev = y.device
+        y = apply_temperature(y, torch.tensor([float(p.temperature) for p in sub], device=dev))
+        y = apply_top_k(y, torch.tensor([p.top_k for p in sub], device=dev))
+        y = apply_top_p(y, torch.tensor([float(p.top_p) for p in sub], device=dev))
+        y = apply_min_p(y, torch.tensor([float(p.min_p) for p in sub], device=dev))
         token_ids[rand_rows] = random_sample(y.softmax(dim=-1), [generators[i] for i in rand_rows])
 
     out = SamplerOutput(token_ids=token_ids)

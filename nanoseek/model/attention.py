@@ -17,22 +17,14 @@ L kv_lora_rank, R rope dim, C hidden size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.backend import NO_CACHE, AttentionMetadata, NoCache
 from nanoseek.model.linear import Linear
 from nanoseek.model.rope import apply_rope
-
-
-class KVCache(Protocol):
-    """Storage of per-token KV vectors [kv_cache_dim] per layer (the latent for MLA, K|V for GQA)."""
-
-    def update(self, layer_idx: int, new: torch.Tensor) -> torch.Tensor:
-        """Store new [B, T, D] after the cached tokens; return all of them [B, S, D]."""
 
 
 @dataclass
@@ -41,9 +33,22 @@ class AttnInputs:
 
     cos: torch.Tensor  # [B, T, R/2]
     sin: torch.Tensor  # [B, T, R/2]
-    mask: torch.Tensor | None  # [B, T, S] bool, True where a query may see a key; None: causal, no cache
-    cache: KVCache | None = None
-    absorb: bool = False  # MLA only: attend over the latent directly
+    meta: AttentionMetadata | None = None  # where keys are stored and read; None: no cache (training)
+
+    @property
+    def step(self) -> AttentionMetadata | _NoCacheStep:
+        return self.meta if self.meta is not None else _NO_CACHE_STEP
+
+
+@dataclass
+class _NoCacheStep:
+    """The metadata fields attention reads, for a forward without a cache (keys = the new tokens)."""
+
+    backend: NoCache = NO_CACHE
+    absorb: bool = False
+
+
+_NO_CACHE_STEP = _NoCacheStep()
 
 
 class RMSNorm(nn.Module):
@@ -105,10 +110,18 @@ class MLA(nn.Module):
         q_nope, q_pe = q.split([self.Dn, self.R], dim=-1)
         q_pe = apply_rope(q_pe, a.cos, a.sin, self.cfg.rope_is_interleaved)
         latent = self.latent(x, a)  # [B, T, L+R]
-        if a.cache is not None:
-            latent = a.cache.update(layer_idx, latent)  # [B, S, L+R]
-        attn = self._absorbed if a.absorb else self._naive
-        out = attn(q_nope, q_pe, latent, a.mask)  # [B, T, H, Dv]
+        meta = a.step
+        backend = meta.backend
+        backend.store(layer_idx, latent, meta)
+        if meta.absorb:
+            w_uk, w_uv = self.absorbed_weights()
+            q_lat = torch.einsum("bthd,hdl->bthl", q_nope, w_uk)  # [B, T, H, L]
+            o_lat = backend.latent_attention(layer_idx, torch.cat([q_lat, q_pe], dim=-1), latent, meta,
+                                             self.scale, self.L)  # [B, T, H, L]
+            out = torch.einsum("bthl,hvl->bthv", o_lat, w_uv)  # [B, T, H, Dv]
+        else:
+            kv, mask = backend.keys(layer_idx, latent, meta)  # [B, S, L+R]
+            out = self._naive(q_nope, q_pe, kv, mask)  # [B, T, H, Dv]
         return self.o_proj(out.reshape(B, T, self.n_heads * self.Dv))
 
     def _naive(self, q_nope, q_pe, latent, mask) -> torch.Tensor:
@@ -127,20 +140,6 @@ class MLA(nn.Module):
         """kv_b_proj split per head: W_UK [H, Dn, L] and W_UV [H, Dv, L] (views, no copy)."""
         w = self.kv_b_proj.weight.view(self.n_heads, self.Dn + self.Dv, self.L)
         return w[:, : self.Dn], w[:, self.Dn:]
-
-    def _absorbed(self, q_nope, q_pe, latent, mask) -> torch.Tensor:
-        B, T, H, _ = q_nope.shape
-        S, L = latent.shape[1], self.L
-        w_uk, w_uv = self.absorbed_weights()
-        q_lat = torch.einsum("bthd,hdl->bthl", q_nope, w_uk)  # [B, T, H, L]
-        q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, 1, T * H, L + self.R)
-        if mask is None:  # causal over the new tokens themselves, per head
-            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None]
-        mask = mask[:, :, None, :].expand(mask.shape[0], T, H, S).reshape(mask.shape[0], T * H, S)
-        kv = latent[:, None]  # [B, 1, S, L+R]: the one key head, and (its first L dims) the value
-        o = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask[:, None], scale=self.scale)
-        o_lat = o[..., :L].reshape(B, T, H, L)
-        return torch.einsum("bthl,hvl->bthv", o_lat, w_uv)  # [B, T, H, Dv]
 
 
 class GQA(nn.Module):
@@ -165,10 +164,12 @@ class GQA(nn.Module):
         q = apply_rope(self.q_proj(x).view(B, T, H, D), a.cos, a.sin, inter)
         k = apply_rope(self.k_proj(x).view(B, T, G, D), a.cos, a.sin, inter)
         v = self.v_proj(x).view(B, T, G, D)
-        if a.cache is not None:
-            kv = a.cache.update(layer_idx, torch.cat([k.flatten(2), v.flatten(2)], dim=-1))  # [B, S, 2GD]
-            S = kv.shape[1]
-            k, v = kv.view(B, S, 2, G, D).unbind(2)
-        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), a.mask, self.scale,
+        new = torch.cat([k.flatten(2), v.flatten(2)], dim=-1)  # [B, T, 2GD]
+        meta = a.step
+        meta.backend.store(layer_idx, new, meta)
+        kv, mask = meta.backend.keys(layer_idx, new, meta)  # [B, S, 2GD]
+        S = kv.shape[1]
+        k, v = kv.view(B, S, 2, G, D).unbind(2)
+        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale,
                      enable_gqa=G != H)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))

@@ -1,12 +1,13 @@
 """The causal LM: embeddings, decoder blocks (MLA or GQA attention; dense or MoE feed-forward), head.
 
     model = build_model(cfg)                      # random init, module names = HF tensor names
-    logits = model(input_ids)                     # [B, T, vocab]
-    logits, stats = model(input_ids, return_router_stats=True)
+    hidden = model(input_ids)                     # [B, T, C], after the final norm
+    logits = model.compute_logits(hidden)         # [B, T, vocab]
+    hidden, stats = model(input_ids, return_router_stats=True)
 
-    cache = DenseCache(cfg, batch_size=B, max_len=1024)
-    logits = model(prompt_ids, cache=cache)       # prefill; the cache now holds the prompt
-    logits = model(next_ids, cache=cache)         # decode; absorbed MLA by default with a cache
+    cache = DenseCache(cfg, batch_size=B, max_len=1024)           # nanoseek.model.backend
+    hidden = model(prompt_ids, attn_metadata=cache.step(T))        # prefill; the cache now holds it
+    hidden = model(next_ids, attn_metadata=cache.step(1, absorb=True))  # decode over the latent
 
 Module names mirror the published checkpoints (model.layers.N.self_attn.kv_a_proj_with_mqa, ...),
 except the routed experts, which are stacked per layer (see checkpoint.py).
@@ -18,44 +19,11 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.linear import Linear
 from nanoseek.model.attention import GQA, MLA, AttnInputs, RMSNorm
+from nanoseek.model.backend import AttentionMetadata, DenseCache, prefer_absorbed  # noqa: F401 (re-exported)
+from nanoseek.model.linear import Linear
 from nanoseek.model.moe import MLP, MoE, RouterStats
 from nanoseek.model.rope import rope_cos_sin, rope_inv_freq
-
-
-def prefer_absorbed(cfg: ModelConfig, num_new: int) -> bool:
-    """Absorbed MLA wins when few queries attend: per (query, key, head) it costs 2L+R multiply-adds
-    against naive's Dn+R+Dv, but naive first decodes K and V for every key (L*(Dn+Dv) per key, head)."""
-    extra_per_query = 2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim - cfg.qk_head_dim - cfg.v_head_dim
-    return num_new * extra_per_query < cfg.kv_lora_rank * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-
-
-class DenseCache:
-    """A contiguous KV cache for B sequences that advance together: [B, max_len, kv_cache_dim] per layer."""
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        self.max_len = max_len
-        self.length = 0  # tokens cached so far
-        self.buffers = [torch.zeros(batch_size, max_len, cfg.kv_cache_dim, dtype=dtype, device=device)
-                        for _ in range(cfg.num_hidden_layers)]
-
-    def update(self, layer_idx: int, new: torch.Tensor) -> torch.Tensor:
-        end = self.length + new.shape[1]
-        if end > self.max_len:
-            raise ValueError(f"DenseCache is full: {self.length} cached + {new.shape[1]} new tokens "
-                             f"> max_len={self.max_len}")
-        buf = self.buffers[layer_idx]
-        buf[:, self.length:end] = new
-        return buf[:, :end]
-
-    def mask(self, num_new: int, device) -> torch.Tensor | None:
-        """[1, T, S]: new token t (at position length + t) sees keys 0..length+t. None when T == 1."""
-        if num_new == 1:
-            return None
-        S = self.length + num_new
-        return torch.ones(num_new, S, dtype=torch.bool, device=device).tril(self.length)[None]
 
 
 class Block(nn.Module):
@@ -98,48 +66,36 @@ class CausalLM(nn.Module):
         inv_freq, self.rope_attn_factor = rope_inv_freq(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
-                cache=None, mask: torch.Tensor | None = None, absorb: bool | None = None,
-                return_router_stats: bool = False, last_only: bool = False,
-                logits_index: torch.Tensor | None = None):
-        """input_ids [B, T] -> logits [B, T, vocab] (fp32 head in the weights' dtype).
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                attn_metadata: AttentionMetadata | None = None, *, return_router_stats: bool = False):
+        """input_ids [B, T] -> the final (normed) hidden states [B, T, C]; logits via compute_logits.
 
-        positions [B, T]: absolute positions (default: after what the cache holds).
-        cache: a KVCache (DenseCache, or the engine's paged cache), updated in place.
-        mask [B, T, S] bool: which keys each new token sees (default: causal, after the cache).
-        absorb: MLA over the latent (default: when it is cheaper, see prefer_absorbed).
-        last_only: logits of the last position only, [B, 1, vocab].
-        logits_index [n]: logits only at these flat indices into B*T, [n, vocab] (the engine's rows).
+        positions [B, T]: absolute positions (default: from the metadata, or 0..T-1 without one).
+        attn_metadata: where keys are stored and read this step (None: no cache, causal over the
+        tokens given, as in training). Ids are not checked here: the scheduler validates them.
+        return_router_stats: also the MoE layers' routing (for the balance losses).
         """
-        cfg = self.config
         B, T = input_ids.shape
-        if (input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size) if input_ids.numel() else False:
-            bad = input_ids[(input_ids < 0) | (input_ids >= cfg.vocab_size)][0].item()
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
-        offset = getattr(cache, "length", 0) if cache is not None else 0
         if positions is None:
-            positions = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
-        if mask is None and isinstance(cache, DenseCache):
-            mask = cache.mask(T, input_ids.device)
-        if absorb is None:
-            absorb = cfg.is_mla and cache is not None and prefer_absorbed(cfg, T)
+            positions = (attn_metadata.positions() if attn_metadata is not None
+                         else torch.arange(T, device=input_ids.device).expand(B, T))
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_attn_factor)
-        a = AttnInputs(cos=cos, sin=sin, mask=mask, cache=cache, absorb=absorb)
+        a = AttnInputs(cos=cos, sin=sin, meta=attn_metadata)
         x = self.model.embed_tokens(input_ids)
         stats: list[RouterStats] = []
         for block in self.model.layers:
             x, s = block(x, a)
             if s is not None:
                 stats.append(s)
-        if isinstance(cache, DenseCache):
-            cache.length += T
-        if logits_index is not None:
-            x = x.reshape(B * T, -1)[logits_index]  # [n, C]
-        elif last_only:
-            x = x[:, -1:]
         x = self.model.norm(x)
-        logits = self.lm_head(x)
-        return (logits, stats) if return_router_stats else logits
+        return (x, stats) if return_router_stats else x
+
+    def compute_logits(self, hidden: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [..., C] -> logits [..., vocab]; with indices [n], only those rows of hidden
+        flattened to [N, C] -> [n, vocab] (the engine's rows that sample)."""
+        if indices is not None:
+            hidden = hidden.reshape(-1, hidden.shape[-1])[indices]
+        return self.lm_head(hidden)
 
 
 def init_parameters(module: nn.Module, std: float, gen: torch.Generator | None = None) -> None:

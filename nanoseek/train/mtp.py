@@ -1,9 +1,8 @@
 """DeepSeek-V3 multi-token prediction (arXiv:2412.19437, Sec. 2.2): D extra sequential modules.
 
     mtp = MTPHeads(model_cfg, depth=1).init_weights(seed=0).train()
-    with final_hidden(model) as box:                # nanoseek.train.step: hook on model.model.norm
-        logits, stats = model(x, return_router_stats=True)
-    loss, per_depth, mtp_stats = mtp(model, box[-1], y)        # mean of the D depth losses
+    hidden, stats = model(x, return_router_stats=True)   # [B, T, C]: the final, normed hidden state
+    loss, per_depth, mtp_stats = mtp(model, hidden, y)  # mean of the D depth losses
 
 Module k (1..D) combines the previous depth's hidden state h^{k-1}_i (k=1: the main model's final,
 normed hidden state) with the embedding of token t_{i+k}:
@@ -83,7 +82,7 @@ class MTPHeads(nn.Module):
             x = layer.eh_proj(torch.cat([layer.enorm(e), layer.hnorm(h)], dim=-1))
             pos = torch.arange(Tk, device=y.device).expand(B, Tk)
             cos, sin = rope_cos_sin(model.inv_freq, pos, model.rope_attn_factor)
-            h, s = layer(x, AttnInputs(cos=cos, sin=sin, mask=None))
+            h, s = layer(x, AttnInputs(cos=cos, sin=sin))
             if s is not None:
                 stats.append(s)
             logits = head(layer.shared_head.norm(h))  # [B, T-k, V]

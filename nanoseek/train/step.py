@@ -69,15 +69,6 @@ def moe_routers(model: nn.Module, mtp: nn.Module | None = None) -> list[nn.Modul
     return [b.mlp.gate for b in blocks if isinstance(b.mlp, MoE)]
 
 
-@contextlib.contextmanager
-def final_hidden(model: nn.Module):
-    """Collect the main model's final (normed) hidden state while the block runs."""
-    box: list[torch.Tensor] = []
-    handle = unwrap(model).model.norm.register_forward_hook(lambda mod, args, out: box.append(out))
-    try:
-        yield box
-    finally:
-        handle.remove()
 
 
 def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tcfg, *, mtp: nn.Module | None = None,
@@ -87,13 +78,14 @@ def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tcfg, *, mt
     model_cfg = base.config
     device_type = x.device.type
     ctx = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-    with ctx, final_hidden(model) as box:
-        logits, stats = model(x, return_router_stats=True)  # [B, T, V]
+    with ctx:
+        hidden, stats = model(x, return_router_stats=True)  # [B, T, C]
+        logits = base.compute_logits(hidden)  # [B, T, V]
         ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         parts: dict[str, float] = {"ce": float(ce.detach())}
         total = ce
         if mtp is not None and tcfg.mtp_lambda > 0:
-            mtp_loss, per_depth, mtp_stats = mtp(base, box[-1], y)
+            mtp_loss, per_depth, mtp_stats = mtp(base, hidden, y)
             total = total + tcfg.mtp_lambda * mtp_loss
             parts["mtp"] = float(mtp_loss.detach())
             stats = stats + mtp_stats
@@ -176,7 +168,7 @@ def evaluate(model: nn.Module, batches, autocast_dtype: torch.dtype | None = Non
     for x, y in batches:
         ctx = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         with ctx:
-            logits = model(x)
+            logits = unwrap(model).compute_logits(model(x))
         total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
         count += y.numel()
     return total / max(1, count)

@@ -21,7 +21,7 @@ def recompute_greedy(model, ids, n):
     ids = list(ids)
     with torch.no_grad():
         for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+            ids.append(int(model.compute_logits(model(torch.tensor([ids])))[0, -1].argmax()))
     return ids[-n:]
 
 

@@ -50,7 +50,7 @@ def global_batch(step: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = model(x)  # [b, T, V]
+    logits = unwrap(model).compute_logits(model(x))  # [b, T, V]
     return F.cross_entropy(logits.flatten(0, 1), y.flatten())
 
 

@@ -12,7 +12,6 @@ from nanoseek.model.rope import rope_cos_sin
 from nanoseek.model.transformer import build_model
 from nanoseek.train import checkpoint as ckpt
 from nanoseek.train.mtp import MTPHeads, load_mtp_state, mtp_hf_items
-from nanoseek.train.step import final_hidden
 from tests.conftest import tiny_v3
 
 
@@ -27,18 +26,17 @@ def setup(depth=2):
 
 def test_depth_k_predicts_the_token_k_plus_one_ahead():
     cfg, model, mtp, x, y = setup(depth=2)
-    with final_hidden(model) as box:
-        model(x)
-    loss, per_depth, stats = mtp(model, box[-1], y)
+    hidden = model(x)  # [B, T, C], the final normed hidden state
+    loss, per_depth, stats = mtp(model, hidden, y)
     # reference for depth 1, written from the paper: position i sees h_i and Emb(t_{i+1}), predicts t_{i+2}
     stream = torch.cat([x, y[:, -1:]], dim=1)  # t_0 .. t_T
     B, T = x.shape
     layer = mtp.layers[0]
-    h = box[-1][:, :T - 1]
+    h = hidden[:, :T - 1]
     e = model.model.embed_tokens(stream[:, 1:T])
     inp = layer.eh_proj(torch.cat([layer.enorm(e), layer.hnorm(h)], -1))
     cos, sin = rope_cos_sin(model.inv_freq, torch.arange(T - 1).expand(B, T - 1), model.rope_attn_factor)
-    out, _ = layer(inp, AttnInputs(cos=cos, sin=sin, mask=None))
+    out, _ = layer(inp, AttnInputs(cos=cos, sin=sin))
     logits = model.lm_head(layer.shared_head.norm(out))
     ref = F.cross_entropy(logits.flatten(0, 1), stream[:, 2:T + 1].flatten())
     assert abs(per_depth[0] - ref.item()) < 1e-5
