@@ -34,6 +34,7 @@ import torch
 
 from nanoseek.engine.backends import choose_backend
 from nanoseek.engine.block_manager import BlockManager
+from nanoseek.engine.compile import CompiledDecode
 from nanoseek.engine.detokenize import IncrementalDetokenizer
 from nanoseek.engine.disk_cache import DiskCache, model_fingerprint
 from nanoseek.engine.kv_cache import PagedKVCache
@@ -42,6 +43,7 @@ from nanoseek.engine.sampling import SamplingParams, make_generator
 from nanoseek.engine.scheduler import RequestRejected, Scheduler
 from nanoseek.engine.sequence import Sequence
 from nanoseek.model.linear import MAX_ROWS, format_report, tune
+from nanoseek.model.moe import tune_dispatch
 
 log = logging.getLogger("nanoseek.engine")
 
@@ -137,12 +139,16 @@ class LLMEngine:
                                    self.max_model_len, eos_token_ids=cfg.eos_token_ids, vocab_size=cfg.vocab_size)
         self.kernel_report: list[dict] = []
         if tune_kernels and device.type == "cpu":  # pick this host's faster projection kernels
-            self.kernel_report = tune(model, max_rows=min(MAX_ROWS, max_num_seqs))
+            rows = min(MAX_ROWS, max_num_seqs)
+            self.kernel_report = tune(model, max_rows=rows) + tune_dispatch(model, max_rows=rows)
             log.info("%s", format_report(self.kernel_report))
         self.backend, self.backend_timings = choose_backend(self.cache, cfg, attention_backend, max_num_seqs)
         log.info("attention backend: %s (decode timings: %s)", self.backend.name,
                  {k: f"{v * 1e6:.0f} us" for k, v in self.backend_timings.items()})
-        self.runner = ModelRunner(model, self.cache, self.backend, self.disk)
+        self.decode_step = None
+        if not enforce_eager:
+            self.decode_step = CompiledDecode(model, self.cache, self.backend, max_num_seqs)
+        self.runner = ModelRunner(model, self.cache, self.backend, self.disk, decode_step=self.decode_step)
         self._requests: dict[str, RequestOutput] = {}
         self._children: dict[Hashable, tuple[str, _Child]] = {}
         self._params: dict[str, SamplingParams] = {}

@@ -164,14 +164,7 @@ def tune(model: nn.Module, max_rows: int = MAX_ROWS, timer: Callable = time_kern
 
     Choices already cached for this host are reused (use_cache=False re-measures). `timer` is
     fn(kernel, x2, weight) -> seconds (tests inject timings through it)."""
-    host = host_key()
-    cached: dict = {}
-    path = cache_path()
-    if use_cache and path.exists():
-        try:
-            cached = json.loads(path.read_text()).get(host, {})
-        except (OSError, ValueError):
-            cached = {}
+    cached = load_host_cache() if use_cache else {}
     report, fresh = [], False
     for (kind, out_f, in_f), w in model_weights(model).items():
         kernels = KERNELS[kind]
@@ -193,17 +186,28 @@ def tune(model: nn.Module, max_rows: int = MAX_ROWS, timer: Callable = time_kern
             _CHOICES[(kind, rc, out_f, in_f)] = entry["kernel"]
             report.append({"kind": kind, "rows": rc, "out": out_f, "in": in_f, **entry})
     if fresh and use_cache:
-        _save(path, host, cached)
+        save_host_cache(cached)
     return report
 
 
-def _save(path: Path, host: str, entries: dict) -> None:
+def load_host_cache() -> dict:
+    """This host's cached choices {key: {"kernel": name, "us": {name: microseconds}}} ({} if none)."""
+    path = cache_path()
+    try:
+        return json.loads(path.read_text()).get(host_key(), {}) if path.exists() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def save_host_cache(entries: dict) -> None:
+    """Merge entries into this host's cached choices (atomic write; a read-only home is not an error)."""
+    path, host = cache_path(), host_key()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = json.loads(path.read_text()) if path.exists() else {}
     except (OSError, ValueError):
         data = {}
-    data[host] = entries
+    data[host] = {**data.get(host, {}), **entries}
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))

@@ -17,6 +17,7 @@ expert parallelism (nanoseek.train.distributed) calls too.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.linear import Linear, linear
+from nanoseek.model.linear import (MAX_ROWS, ROUNDS, ROW_CLASSES, Linear, linear, load_host_cache, row_class,
+                                   save_host_cache)
 
 
 @dataclass
@@ -130,6 +132,52 @@ def expert_ffn(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, coun
     return torch.cat(chunks) if chunks else xs * 0.0
 
 
+def dense_experts(x, idx, weights, gate_up, down) -> torch.Tensor:
+    """Every expert on every token, weighted by a dense [N, E] matrix that is zero off the top-K: fixed
+    shapes, no host read, each weight read once; pays when most experts are active anyway (batches)."""
+    h = torch.matmul(x[None], gate_up.transpose(1, 2))  # [E, N, 2I]
+    g, u = h.chunk(2, dim=-1)
+    ys = torch.bmm(F.silu(g) * u, down.transpose(1, 2))  # [E, N, C]
+    w = torch.zeros(x.shape[0], gate_up.shape[0], dtype=ys.dtype, device=x.device)
+    w = w.scatter(1, idx, weights.to(ys.dtype))  # [N, E]
+    return torch.einsum("enc,ne->nc", ys, w).to(x.dtype)
+
+
+def gather_experts(x, idx, weights, gate_up, down) -> torch.Tensor:
+    """Each (token, expert) pair with its expert's weights gathered: fixed shapes, no host read, one
+    batched matmul pair; copies K weight sets per token, so it pays only where a copy is cheap."""
+    N, K = idx.shape
+    flat = idx.flatten()  # [P = N*K]
+    xs = x[:, None].expand(N, K, x.shape[1]).reshape(N * K, 1, x.shape[1])  # [P, 1, C]
+    g, u = torch.bmm(xs, gate_up[flat].transpose(1, 2)).chunk(2, dim=-1)  # [P, 1, I] each
+    ys = torch.bmm(F.silu(g) * u, down[flat].transpose(1, 2)).view(N, K, -1)  # [N, K, C]
+    return (ys * weights[..., None].to(ys.dtype)).sum(1).to(x.dtype)
+
+
+# Inference dispatch of Experts.forward: "sorted" (pairs sorted by expert, then expert_ffn; reads the
+# per-expert counts on the host) or one of the fixed-shape variants above. Which is fastest depends on
+# the host and the number of tokens N, so tune_dispatch measures it at engine start:
+# (rows class of N, E, 2I, C) -> impl. Training (grad enabled) always takes "sorted".
+FIXED = {"dense": dense_experts, "gather": gather_experts}
+_DISPATCH_CHOICE: dict[tuple[int, int, int, int], str] = {}
+_FIXED_CHOICE: dict[tuple[int, int, int, int], str] = {}  # the same among FIXED (compiled graphs)
+
+
+def dispatch_impl(n_tokens: int, gate_up) -> str:
+    """The Experts.forward variant for n_tokens rows: "sorted" or a FIXED name."""
+    key = (row_class(n_tokens), *gate_up.shape)
+    if torch.compiler.is_compiling():  # no host reads inside a compiled graph
+        return _FIXED_CHOICE.get(key, "dense")
+    if torch.is_grad_enabled() or n_tokens > MAX_ROWS:
+        return "sorted"
+    return _DISPATCH_CHOICE.get(key, "sorted")
+
+
+def clear_dispatch_choices() -> None:
+    _DISPATCH_CHOICE.clear()
+    _FIXED_CHOICE.clear()
+
+
 class Experts(nn.Module):
     """E routed SwiGLU experts stored stacked: gate_up_proj [E, 2I, C], down_proj [E, C, I].
 
@@ -142,8 +190,17 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
         self.impl = "auto"  # "loop" | "grouped" | "auto" (grouped on CUDA bf16)
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, C], idx/weights [N, K] -> sum_k weights[n, k] * expert_{idx[n, k]}(x[n]), [N, C]."""
+    def dispatch_weights(self) -> list:
+        """One expert's weights, for the projection kernels' timing (nanoseek.model.linear.tune)."""
+        return [self.gate_up_proj[0], self.down_proj[0]]
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                impl: str | None = None) -> torch.Tensor:
+        """x [N, C], idx/weights [N, K] -> sum_k weights[n, k] * expert_{idx[n, k]}(x[n]), [N, C].
+        impl: "sorted" or a FIXED name; None: dispatch_impl's choice."""
+        impl = impl or dispatch_impl(x.shape[0], self.gate_up_proj)
+        if impl in FIXED:
+            return FIXED[impl](x, idx, weights, self.gate_up_proj, self.down_proj)
         N, K = idx.shape
         flat = idx.flatten()  # [N*K]
         order = flat.argsort(stable=True)
@@ -157,6 +214,53 @@ class Experts(nn.Module):
     def grouped_ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs [M, C] grouped by expert, counts [E] -> [M, C]; expert parallel overrides this step alone."""
         return expert_ffn(xs, self.gate_up_proj, self.down_proj, counts, self.impl)
+
+
+def _dispatch_timer(impl, experts, x, idx, weights, repeats: int = 5) -> float:
+    with torch.inference_mode():
+        experts(x, idx, weights, impl)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            experts(x, idx, weights, impl)
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+def tune_dispatch(model: nn.Module, max_rows: int, timer=_dispatch_timer, use_cache: bool = True) -> list[dict]:
+    """Time Experts.forward's inference variants on the model's expert shapes for each rows class up
+    to max_rows (N tokens, each with K distinct experts), keep the fastest per class, cache it per
+    host with the projection kernels. timer(impl, experts, x, idx, weights) -> seconds."""
+    experts = next((m for m in model.modules() if isinstance(m, Experts)), None)
+    if experts is None:
+        return []
+    gate_up = experts.gate_up_proj
+    E, I2, C = gate_up.shape
+    K = next(m for m in model.modules() if isinstance(m, Router)).cfg.num_experts_per_tok
+    impls = ["sorted", *FIXED]
+    cached = load_host_cache() if use_cache else {}
+    report, fresh = [], False
+    gen = torch.Generator().manual_seed(0)
+    for rc in ROW_CLASSES[: ROW_CLASSES.index(row_class(max(1, min(max_rows, MAX_ROWS)))) + 1]:
+        key = f"experts|{rc}|{E}|{I2}|{C}|{K}|{gate_up.dtype}|{gate_up.device.type}"
+        entry = cached.get(key)
+        if entry is None or entry.get("kernel") not in impls:
+            x = torch.randn(rc, C, generator=gen).to(gate_up)
+            idx = torch.rand(rc, E, generator=gen).argsort(dim=-1)[:, :K].to(gate_up.device)
+            w = torch.rand(rc, K, generator=gen).to(gate_up)
+            timings = {i: float("inf") for i in impls}
+            for _ in range(ROUNDS):  # interleaved, as for the projection kernels
+                for i in impls:
+                    timings[i] = min(timings[i], timer(i, experts, x, idx, w))
+            best = min(impls, key=lambda i: (timings[i], impls.index(i)))
+            entry = {"kernel": best, "us": {i: t * 1e6 for i, t in timings.items()}}
+            cached[key], fresh = entry, True
+        _DISPATCH_CHOICE[(rc, E, I2, C)] = entry["kernel"]
+        _FIXED_CHOICE[(rc, E, I2, C)] = min(FIXED, key=lambda i: entry["us"].get(i, float("inf")))
+        report.append({"kind": "experts", "rows": rc, "out": I2, "in": C, **entry})
+    if fresh and use_cache:
+        save_host_cache(cached)
+    return report
 
 
 class MoE(nn.Module):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoseek.model.moe import MoE, route
+from nanoseek.model.moe import MoE, RouterStats, route
 from nanoseek.model.transformer import build_model
 from tests.conftest import tiny_v2, tiny_v2_grouped, tiny_v3
 
@@ -81,18 +81,24 @@ def loop_moe(moe, x):
     return out.view_as(x)
 
 
-@pytest.mark.parametrize("impl", ["loop", "grouped"])
+@pytest.mark.parametrize("impl", ["loop", "grouped", "dense", "gather"])
 def test_vectorised_dispatch_matches_token_loop(impl):
     cfg = tiny_v2_grouped()
     model = build_model(cfg, seed=5)
     moe = model.model.layers[1].mlp
     assert isinstance(moe, MoE)
-    moe.experts.impl = impl
     x = torch.randn(2, 9, cfg.hidden_size, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        y, stats = moe(x)
+        if impl in ("loop", "grouped"):  # the sorted path through expert_ffn
+            moe.experts.impl = impl
+            y, stats = moe(x)
+        else:
+            flat = x.reshape(-1, cfg.hidden_size)
+            w, idx, _ = moe.gate(flat)
+            y = moe.experts(flat, idx, w, impl) + moe.shared_experts(flat)
+            stats = RouterStats(scores=_, topk_idx=idx)
         ref = loop_moe(moe, x)
-    assert (y - ref).abs().max() < 1e-5
+    assert (y.view_as(ref) - ref).abs().max() < 1e-5
     assert stats.tokens_per_expert().sum() == 18 * cfg.num_experts_per_tok
 
 
@@ -110,3 +116,25 @@ def test_moe_layer_placement_follows_first_k_dense_and_freq():
     model = build_model(cfg)
     kinds = [type(b.mlp).__name__ for b in model.model.layers]
     assert kinds == ["MLP", "MLP", "MoE", "MLP", "MoE", "MLP"]
+
+
+def test_dispatch_tuning_takes_the_faster_impl_per_batch_size(tmp_path, monkeypatch):
+    from nanoseek.model import moe as moe_mod
+
+    monkeypatch.setenv("NANOSEEK_CACHE_DIR", str(tmp_path))
+    moe_mod.clear_dispatch_choices()
+    model = build_model(tiny_v2(), seed=5).eval()
+    fake = {"sorted": lambda n: 1.0, "dense": lambda n: 0.5 if n >= 4 else 2.0, "gather": lambda n: 3.0}
+    report = moe_mod.tune_dispatch(model, max_rows=8, timer=lambda impl, e, x, *a: fake[impl](x.shape[0]))
+    assert [(r["rows"], r["kernel"]) for r in report] == [(1, "sorted"), (2, "sorted"), (4, "dense"), (8, "dense")]
+    for r in report:
+        assert r["us"][r["kernel"]] == min(r["us"].values())
+    calls = []
+    monkeypatch.setitem(moe_mod.FIXED, "dense", lambda *a: calls.append("dense") or moe_mod.gather_experts(*a))
+    moe = model.model.layers[1].mlp
+    with torch.no_grad():
+        moe(torch.randn(1, 5, 64))  # 5 tokens: rows class 8, "dense"
+        assert calls == ["dense"]
+        moe(torch.randn(1, 2, 64))  # 2 tokens: "sorted"
+        assert calls == ["dense"]
+    moe_mod.clear_dispatch_choices()

@@ -14,7 +14,8 @@ from tests.conftest import tiny_v2
 
 def _grads(model, x):
     model.zero_grad(set_to_none=True)
-    logits, _ = model(x, return_router_stats=True)
+    hidden, _ = model(x, return_router_stats=True)
+    logits = model.compute_logits(hidden)
     logits.float().logsumexp(-1).mean().backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

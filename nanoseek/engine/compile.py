@@ -1,0 +1,114 @@
+"""A compiled decode step: torch.compile (Inductor: C++ on CPU) or CUDA graphs over persistent buffers,
+one per (batch bucket, context bucket).
+
+    step = CompiledDecode(model, cache, backend, max_num_seqs=16)
+    logits = step(token_ids, [(block_table, start), ...], rows)   # [len(rows), V]
+
+A decode batch of B rows is padded to the next batch bucket (1, 2, 4, 8, 16, ... up to max_num_seqs)
+and its longest row to the next context bucket (a power of two number of blocks); the step's inputs
+are copied into that bucket's persistent buffers and the bucket's compiled function runs on them.
+Padding rows attend only to the cache's reserved padding block and their logits are never returned;
+padding keys of real rows are masked by their sequence lengths, so padding never reaches a result.
+
+Compilation happens once per bucket, at most `max_buckets` of them (then the step runs eagerly);
+Inductor keeps its generated code in its on-disk cache (TORCHINDUCTOR_CACHE_DIR), so a restart on
+the same host reuses it. enforce_eager (LLMEngine / --enforce-eager) turns all of this off.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from nanoseek.engine.kv_cache import PagedKVCache
+from nanoseek.model.backend import AttentionMetadata
+
+log = logging.getLogger("nanoseek.engine")
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, ... and max_num_seqs itself."""
+    out, b = [], 1
+    while b < max_num_seqs:
+        out.append(b)
+        b *= 2
+    return out + [max_num_seqs]
+
+
+def bucket_of(n: int, buckets: list[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{n} rows exceed the largest batch bucket {buckets[-1]}")
+
+
+def context_bucket(num_blocks: int) -> int:
+    """Blocks per row, rounded up to a power of two (so a context bucket is compiled once)."""
+    return 1 << max(0, (num_blocks - 1).bit_length())
+
+
+class CompiledDecode:
+    def __init__(self, model, cache: PagedKVCache, backend, max_num_seqs: int, max_buckets: int = 16,
+                 compile_backend: str = "inductor"):
+        self.model, self.cache, self.backend = model, cache, backend
+        self.batch_buckets = batch_buckets(max_num_seqs)
+        self.max_buckets, self.compile_backend = max_buckets, compile_backend
+        self.device = cache.device
+        self.graphs: dict[tuple[int, int], tuple[dict, object]] = {}  # (B, blocks) -> (buffers, fn)
+        self.compile_seconds: dict[tuple[int, int], float] = {}
+        self.eager_steps = 0
+
+    def _build(self, B: int, nb: int):
+        dev = self.device
+        bufs = {"input_ids": torch.zeros(B, 1, dtype=torch.long, device=dev),
+                "seq_lens": torch.ones(B, dtype=torch.long, device=dev),
+                "block_tables": torch.full((B, nb), self.cache.num_blocks, dtype=torch.long, device=dev),
+                "slot_mapping": torch.full((B,), self.cache.pad_slot, dtype=torch.long, device=dev)}
+        model, backend, S = self.model, self.backend, nb * self.cache.block_size
+
+        def step(input_ids, seq_lens, block_tables, slot_mapping):
+            meta = AttentionMetadata(backend, seq_lens, S, 1, slot_mapping=slot_mapping,
+                                     block_tables=block_tables, absorb=True)
+            hidden = model(input_ids, attn_metadata=meta)  # [B, 1, C]
+            return model.compute_logits(hidden[:, 0])  # [B, V]
+
+        fn = torch.compile(step, backend=self.compile_backend, dynamic=False, fullgraph=False)
+        return bufs, fn
+
+    def __call__(self, token_ids: list[int], rows: list[tuple[list[int], int]], sample_rows: list[int]):
+        """Logits [len(sample_rows), V] of one decode step: token_ids[i] is row i's new token at
+        position rows[i][1] of the sequence whose blocks are rows[i][0]."""
+        n = len(rows)
+        meta = self.cache.metadata(self.backend, rows, num_new=1, absorb=True)
+        B = bucket_of(n, self.batch_buckets)
+        nb = context_bucket(meta.block_tables.shape[1])
+        key = (B, nb)
+        if key not in self.graphs:
+            if len(self.graphs) >= self.max_buckets:
+                return self._eager(token_ids, meta, sample_rows)
+            self.graphs[key] = self._build(B, nb)
+        bufs, fn = self.graphs[key]
+        bufs["input_ids"][:n, 0].copy_(torch.tensor(token_ids, dtype=torch.long), non_blocking=True)
+        bufs["input_ids"][n:] = 0
+        bufs["seq_lens"][:n].copy_(meta.seq_lens)
+        bufs["seq_lens"][n:] = 1
+        bufs["block_tables"].fill_(0)
+        bufs["block_tables"][:n, : meta.block_tables.shape[1]].copy_(meta.block_tables)
+        bufs["block_tables"][n:] = self.cache.num_blocks
+        bufs["slot_mapping"][:n].copy_(meta.slot_mapping)
+        bufs["slot_mapping"][n:] = self.cache.pad_slot
+        first = key not in self.compile_seconds
+        t = time.perf_counter()
+        logits = fn(**bufs)  # [B, V]
+        if first:
+            self.compile_seconds[key] = time.perf_counter() - t
+            log.info("compiled the decode step for batch %d, %d blocks per row in %.1f s", B, nb,
+                     self.compile_seconds[key])
+        return logits[torch.tensor(sample_rows, device=logits.device)]
+
+    def _eager(self, token_ids, meta, sample_rows):
+        self.eager_steps += 1
+        hidden = self.model(torch.tensor(token_ids, device=self.device)[:, None], attn_metadata=meta)
+        return self.model.compute_logits(hidden, torch.tensor(sample_rows, device=self.device))
