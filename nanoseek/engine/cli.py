@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 
@@ -16,7 +17,7 @@ def run(args) -> int:
     from nanoseek.engine.sampling import SamplingParams
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    llm = LLM(args.model, dtype=dtype, device=args.device, cache_dir=args.cache_dir)
+    llm = LLM(args.model, dtype=dtype, device=args.device, cache_dir=args.cache_dir, enforce_eager=args.enforce_eager)
     engine = llm.engine
     if engine.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json; nanoseek generate needs one to read text")
@@ -55,4 +56,6 @@ def register(sub) -> None:
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     e.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
     e.add_argument("--cache-dir", default=None, help="disk context cache folder")
+    e.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
+                   help="run decode eagerly (default); --no-enforce-eager compiles the decode step")
     p.set_defaults(func=run)

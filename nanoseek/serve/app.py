@@ -133,7 +133,8 @@ def load_state(config: ServeConfig) -> ServeState:
     tokenizer = load_tokenizer(str(folder))
     engine = LLMEngine(model, tokenizer, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
                        max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=config.max_model_len,
-                       kv_cache_bytes=config.kv_cache_bytes, cache_dir=config.cache_dir)
+                       kv_cache_bytes=config.kv_cache_bytes, cache_dir=config.cache_dir,
+                       enforce_eager=config.enforce_eager)
     url = config.db or os.environ.get("NANOSEEK_DB") or DEFAULT_DB_URL
     return ServeState(engine, tokenizer, Accounts(url), sheet, config)
 

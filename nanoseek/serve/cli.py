@@ -43,6 +43,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=16, help="sequences per batch (default 16)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (default 2048)")
     g.add_argument("--max-model-len", type=int, default=None, help="context (default: the model's)")
+    g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
+                   help="run decode eagerly (default); --no-enforce-eager compiles a decode step per batch "
+                        "bucket (minutes of warm-up on 2 cores, see bench/RESULTS.md)")
     g.add_argument("--prices", default=DEFAULT_PRICES, help=f"price sheet (default {DEFAULT_PRICES})")
 
 
@@ -173,7 +176,8 @@ def _serve_config(args, model_dir: Path, name: str):
                        max_queue=lim(args.max_queue), lease_ttl_s=args.lease_ttl,
                        record_every_tokens=args.record_every_tokens, record_every_s=args.record_every_s,
                        max_body_bytes=getattr(args, "max_body_bytes", None),
-                       shared_prefix_cache=getattr(args, "shared_prefix_cache", False))
+                       shared_prefix_cache=getattr(args, "shared_prefix_cache", False),
+                       enforce_eager=getattr(args, "enforce_eager", True))
 
 
 def serve(config, host: str, port: int) -> None:

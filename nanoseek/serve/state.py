@@ -47,6 +47,7 @@ class ServeConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     kv_cache_bytes: int | None = None
+    enforce_eager: bool = True           # False: compiled decode step (nanoseek.engine.compile)
     # per key limits (None: unlimited) and the global queue
     requests_per_minute: float | None = 600
     tokens_per_minute: float | None = 1_000_000
