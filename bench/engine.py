@@ -3,6 +3,8 @@ hits, and continuous batching — side by side in one run on one checkpoint.
 
     .venv/bin/python bench/engine.py                 # all four tables (a few minutes on 2 cores)
     .venv/bin/python bench/engine.py --only decode
+    .venv/bin/python bench/engine.py --only profile  # where a B=1 decode token goes: matmuls vs the rest
+    .venv/bin/python bench/engine.py --only decode --compiled   # + the compiled decode step (warm-up!)
 
 Model: configs/bench-v2-small.json with random weights, saved once and loaded by both engines.
 Decode throughput excludes prefill: (time to generate 65 tokens - time to generate 1) on fresh
@@ -12,6 +14,7 @@ random prompts each time, so no cache helps either side.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import tempfile
 import time
@@ -24,6 +27,7 @@ from nanoseek.engine.kv_cache import PagedKVCache
 from nanoseek.engine.llm import LLMEngine
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.model.checkpoint import load_model, save_model
+from nanoseek.model.linear import format_report, host_key
 from nanoseek.model.transformer import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +58,16 @@ def hf_generate(model, prompts, max_tokens: int):
     return time.perf_counter() - t, out[:, ids.shape[1]:].tolist()
 
 
-def bench_decode(ours, theirs, cfg, seed=0):
-    print("\n## Decode: nanoseek LLMEngine vs transformers generate (greedy, 512-token prompts)\n")
+def load() -> str:
+    return "load %.1f %.1f %.1f" % os.getloadavg()
+
+
+def bench_decode(ours, theirs, cfg, seed=0, compiled=False):
+    print(f"\n## Decode: nanoseek LLMEngine vs transformers generate (greedy, 512-token prompts) — {load()}\n")
+    warm = LLMEngine(ours, num_blocks=200, max_num_seqs=8)
+    print(f"attention backend: {warm.backend.name} "
+          f"({', '.join(f'{k} {v * 1e6:.0f} us' for k, v in warm.backend_timings.items())})")
+    print("```\n" + format_report(warm.kernel_report) + "\n```\n")
     print("| batch | transformers decode tok/s | nanoseek decode tok/s | speedup | transformers end-to-end s "
           "| nanoseek end-to-end s | same greedy tokens | nanoseek fraction of 250 tok/s bandwidth cap |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -66,6 +78,16 @@ def bench_decode(ours, theirs, cfg, seed=0):
         t1, _, _ = run_engine(e, p1, 1, f"a{B}")
         t65, toks, _ = run_engine(e, p65, 65, f"b{B}")
         ours_tps = B * 64 / (t65 - t1)
+        if compiled:
+            c = LLMEngine(ours, num_blocks=20 * B, enforce_eager=False)
+            tw = time.perf_counter()
+            tf, _, _ = run_engine(c, random_prompts(B, PROMPT_LEN, cfg.vocab_size, 97), 65, f"cw{B}")
+            print(f"compiled B={B}: first request (warm-up included) {tf:.1f} s; compile per bucket "
+                  f"{ {k: round(v, 1) for k, v in c.decode_step.compile_seconds.items()} } s")
+            c1, _, _ = run_engine(c, p1, 1, f"ca{B}")
+            c65, ctoks, _ = run_engine(c, p65, 65, f"cb{B}")
+            print(f"compiled B={B}: {B * 64 / (c65 - c1):.1f} tok/s (eager {ours_tps:.1f}); same greedy tokens "
+                  f"{sum(a == b for a, b in zip(toks, ctoks))}/{B}; warm-up + first request {time.perf_counter() - tw:.1f} s")
         hf_generate(theirs, random_prompts(B, 16, cfg.vocab_size, 98), 2)  # warm-up
         h1, _ = hf_generate(theirs, p1, 1)
         h65, htoks = hf_generate(theirs, p65, 65)
@@ -135,29 +157,62 @@ def bench_batching(ours, cfg):
     print(f"| 16 concurrent | {t_all:.2f} | {16 * 64 / t_all:.0f} ({t_seq / t_all:.1f}x) |")
 
 
+def bench_profile(ours, cfg, steps: int = 32):
+    """Where a B=1 decode token goes: torch.profiler self time of the matmul ops vs everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    print(f"\n## Profile of a B=1 decode token (bench-v2-small, 512-token prompt) — {load()}\n")
+    e = LLMEngine(ours, num_blocks=40, max_num_seqs=1)
+    params = SamplingParams(temperature=0, max_tokens=10 ** 6, ignore_eos=True)
+    e.add_request("p", {"prompt_token_ids": random_prompts(1, PROMPT_LEN, cfg.vocab_size, 3)[0]}, params)
+    for _ in range(4):
+        e.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            e.step()
+        wall = (time.perf_counter() - t) / steps
+    e.abort("p")
+    mm = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+          "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu"}
+    rows = [(ev.key, ev.self_cpu_time_total / steps, ev.count / steps) for ev in prof.key_averages()]
+    in_mm = sum(t for k, t, _ in rows if k in mm) / 1e3
+    ops = sum(c for k, _, c in rows if k.startswith("aten::"))
+    print(f"| wall ms / token | matmul ms (mm, addmm, bmm, baddbmm, SDPA) | outside matmuls ms | aten ops / token |")
+    print("|---:|---:|---:|---:|")
+    print(f"| {wall * 1e3:.2f} | {in_mm:.2f} | {wall * 1e3 - in_mm:.2f} | {ops:.0f} |")
+    print("\ntop self-time ops per token:\n")
+    for k, t, c in sorted(rows, key=lambda r: -r[1])[:12]:
+        print(f"    {k:<48} {t / 1e3:6.3f} ms  x{c:.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(ROOT / "configs/bench-v2-small.json"))
-    ap.add_argument("--only", choices=["decode", "kv", "ttft", "batching"])
+    ap.add_argument("--only", choices=["decode", "kv", "ttft", "batching", "profile"])
+    ap.add_argument("--compiled", action="store_true", help="also decode with the compiled step (slow warm-up)")
     args = ap.parse_args()
     import transformers
 
     cfg = ModelConfig.from_json(args.config).replace(eos_token_id=None)
-    print(f"# engine benchmark — {time.strftime('%Y-%m-%d')}, {platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, {Path(args.config).name}")
+    print(f"# engine benchmark — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {host_key()}, "
+          f"{platform.machine()}, transformers {transformers.__version__}, {Path(args.config).name}, {load()}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         save_model(build_model(cfg, seed=0), tmp / "ck")
         ours = load_model(tmp / "ck", dtype=torch.float32)
         theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp / "ck", dtype=torch.float32).eval()
         if args.only in (None, "decode"):
-            bench_decode(ours, theirs, cfg)
+            bench_decode(ours, theirs, cfg, compiled=args.compiled)
+        if args.only in (None, "profile"):
+            bench_profile(ours, cfg)
         if args.only in (None, "kv"):
             bench_kv_bytes(ours, theirs, cfg)
         if args.only in (None, "ttft"):
             bench_ttft(ours, cfg, tmp)
         if args.only in (None, "batching"):
             bench_batching(ours, cfg)
+    print(f"\n# done — {load()}")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,10 @@ class CompiledDecode:
             hidden = model(input_ids, attn_metadata=meta)  # [B, 1, C]
             return model.compute_logits(hidden[:, 0])  # [B, V]
 
-        fn = torch.compile(step, backend=self.compile_backend, dynamic=False, fullgraph=False)
+        # on CUDA, "reduce-overhead" replays the step as a CUDA graph over these same buffers
+        # (UNTESTED HERE: no GPU in this project's CI)
+        mode = "reduce-overhead" if dev.type == "cuda" and self.compile_backend == "inductor" else None
+        fn = torch.compile(step, backend=self.compile_backend, mode=mode, dynamic=False, fullgraph=False)
         return bufs, fn
 
     def __call__(self, token_ids: list[int], rows: list[tuple[list[int], int]], sample_rows: list[int]):

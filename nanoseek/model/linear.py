@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.io import atomic_write
+
 MAX_ROWS = 16  # above this many rows every kind's reference kernel is used, untimed
 ROW_CLASSES = (1, 2, 4, 8, 16)  # rows are rounded up to one of these to look a choice up
 ROUNDS = 4  # timing rounds per shape, kernels interleaved; the best of all rounds counts
@@ -185,7 +187,7 @@ def tune(model: nn.Module, max_rows: int = MAX_ROWS, timer: Callable = time_kern
                 cached[key], fresh = entry, True
             _CHOICES[(kind, rc, out_f, in_f)] = entry["kernel"]
             report.append({"kind": kind, "rows": rc, "out": out_f, "in": in_f, **entry})
-    if fresh and use_cache:
+    if fresh:  # re-measured choices replace the cached ones
         save_host_cache(cached)
     return report
 
@@ -208,12 +210,10 @@ def save_host_cache(entries: dict) -> None:
     except (OSError, ValueError):
         data = {}
     data[host] = {**data.get(host, {}), **entries}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(data, indent=1, sort_keys=True))
     except OSError:  # a read-only home only costs re-measuring next time
-        tmp.unlink(missing_ok=True)
+        pass
 
 
 def set_choices(choices: dict[tuple[str, int, int, int], str]) -> None:

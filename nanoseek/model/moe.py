@@ -258,7 +258,7 @@ def tune_dispatch(model: nn.Module, max_rows: int, timer=_dispatch_timer, use_ca
         _DISPATCH_CHOICE[(rc, E, I2, C)] = entry["kernel"]
         _FIXED_CHOICE[(rc, E, I2, C)] = min(FIXED, key=lambda i: entry["us"].get(i, float("inf")))
         report.append({"kind": "experts", "rows": rc, "out": I2, "in": C, **entry})
-    if fresh and use_cache:
+    if fresh:  # re-measured choices replace the cached ones
         save_host_cache(cached)
     return report
 
