@@ -58,6 +58,9 @@ class Update:
     deltas: list[OutputDelta]
     finished: bool
     first_token_time: float | None = None
+    # a remote backend's count of all output tokens so far (its deltas carry text, not token ids);
+    # None from the local engine, whose deltas carry the token ids themselves
+    num_output_tokens: int | None = None
 
 
 @dataclass

@@ -46,11 +46,11 @@ def create_app(state: ServeState) -> FastAPI:
 
         keeper = LeaseKeeper(state.accounts, state.config.lease_ttl_s)
         await asyncio.to_thread(keeper.start)
-        state.engine.start()
+        await state.backend.start()
         try:
             yield
         finally:
-            state.engine.shutdown()
+            await state.backend.shutdown()
             await asyncio.to_thread(keeper.stop)
             state.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -75,7 +75,13 @@ def create_app(state: ServeState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        """200 while the engine thread runs; 503 once it stopped (or never started)."""
+        """200 while the engine thread (a gateway: some backend) runs; 503 once it stopped."""
+        if state.engine is None:  # a gateway
+            problem = state.backend.problem()
+            if problem is not None:
+                return error_response(503, problem)
+            return {"status": "ok", "model": state.model_name,
+                    "uptime_s": round(time.time() - state.started, 1), "requests_in_flight": state.limiter.in_flight}
         eng = state.engine
         age = eng.last_step_age_s
         engine = {"alive": eng.alive, "last_loop_age_s": None if age is None else round(age, 3),
@@ -89,7 +95,7 @@ def create_app(state: ServeState) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         body, content_type = state.metrics.render()
-        return Response(body, media_type=content_type)
+        return Response(body + state.backend.render_metrics(), media_type=content_type)
 
     @app.get("/v1/models")
     async def models():
@@ -99,6 +105,10 @@ def create_app(state: ServeState) -> FastAPI:
     async def pricing():
         sheet = state.sheet.to_dict()
         sheet["model"] = sheet.get("model") or state.model_name
+        if state.llm is None:  # a gateway: the backends count the cache hits
+            from .gateway import CACHE_NOTE
+
+            sheet["cache_hits"] = CACHE_NOTE
         return sheet
 
     async def balance(request: Request):
@@ -114,8 +124,9 @@ def create_app(state: ServeState) -> FastAPI:
     return app
 
 
-def load_state(config: ServeConfig) -> ServeState:
-    """Load model, tokenizer, price sheet and accounts from disk; errors name the missing file."""
+def load_state(config: ServeConfig, accounts=None, sheet=None, key_admin=None) -> ServeState:
+    """Load model, tokenizer, price sheet and accounts from disk; errors name the missing file.
+    A worker passes its own `accounts` (worker.Unmetered) and `sheet`."""
     from nanoseek.data.tokenizer import load_tokenizer
     from nanoseek.engine.llm import LLMEngine
     from nanoseek.model.checkpoint import load_model
@@ -128,7 +139,7 @@ def load_state(config: ServeConfig) -> ServeState:
         raise FileNotFoundError(f"--model {folder}: no config.json there (a model folder in HF layout)")
     if not (folder / "tokenizer.json").is_file():
         raise FileNotFoundError(f"--model {folder}: no tokenizer.json there; the API needs one to read text")
-    sheet = PriceSheet.load(config.prices)
+    sheet = sheet or PriceSheet.load(config.prices)
     model = load_model(str(folder))
     tokenizer = load_tokenizer(str(folder))
     engine = LLMEngine(model, tokenizer, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
@@ -136,7 +147,17 @@ def load_state(config: ServeConfig) -> ServeState:
                        kv_cache_bytes=config.kv_cache_bytes, cache_dir=config.cache_dir,
                        enforce_eager=config.enforce_eager)
     url = config.db or os.environ.get("NANOSEEK_DB") or DEFAULT_DB_URL
-    return ServeState(engine, tokenizer, Accounts(url), sheet, config)
+    return ServeState(engine, tokenizer, accounts or Accounts(url), sheet, config, key_admin=key_admin)
+
+
+def gateway_state(config: ServeConfig, pool) -> ServeState:
+    """A gateway's state: accounts and prices from disk, generation by the RemotePool; no model."""
+    from .accounts import Accounts
+    from .pricing import PriceSheet
+
+    sheet = PriceSheet.load(config.prices)
+    url = config.db or os.environ.get("NANOSEEK_DB") or DEFAULT_DB_URL
+    return ServeState(None, None, Accounts(url), sheet, config, backend=pool)
 
 
 def build_app(config: ServeConfig) -> FastAPI:

@@ -2,6 +2,8 @@
 
     nanoseek price calibrate --model runs/default --hardware-cost-per-hour 0.05 [--margin 0.10]
     nanoseek serve --model runs/default [--host 127.0.0.1] [--port 8000] [--db URL] [--cache-dir DIR]
+    nanoseek serve --model runs/default --worker --port 8001        # unauthenticated, for a gateway
+    nanoseek serve --backend http://10.0.0.2:8001 --backend http://10.0.0.3:8001   # the gateway
     nanoseek run                  # data and model if missing, prices, a demo key, then serve
 
 --model takes a model folder (config.json + weights + tokenizer.json) or a training run folder,
@@ -36,9 +38,10 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     return found[1]
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
+def _engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--model", required=True, metavar="DIR", help="model folder or training run folder")
+    g.add_argument("--model", required=model_required, metavar="DIR",
+                   help="model folder or training run folder" + ("" if model_required else " (not with --backend)"))
     g.add_argument("--block-size", type=int, default=16, help="KV cache block size in tokens (default 16)")
     g.add_argument("--max-num-seqs", type=int, default=16, help="sequences per batch (default 16)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (default 2048)")
@@ -84,9 +87,20 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("serve", help="the OpenAI/DeepSeek-compatible HTTP API",
                               description="Serve a model over HTTP with keys, balances, limits and "
-                                          "cost-plus prices.")
-    _engine_args(p)
+                                          "cost-plus prices; or be the gateway in front of OpenAI-compatible "
+                                          "workers (--backend), or one such worker (--worker).")
+    _engine_args(p, model_required=False)
     _serve_args(p)
+    s = p.add_argument_group("scale-out")
+    s.add_argument("--backend", action="append", default=[], metavar="URL",
+                   help="be a gateway: forward generation to this OpenAI-compatible server (repeatable); "
+                        "keys, limits, holds and the ledger stay here; no model is loaded")
+    s.add_argument("--health-interval", type=float, default=2.0, metavar="SECONDS",
+                   help="gateway: seconds between backend health checks (failures back off to 30 s)")
+    s.add_argument("--worker", action="store_true",
+                   help="be a gateway's worker: the local engine, OpenAI API without keys or billing, "
+                        "on a loopback or private interface only")
+    s.add_argument("--allow-public", action="store_true", help="let a --worker bind a public interface")
     p.set_defaults(func=cmd_serve)
 
     c = price_commands(subparsers).add_parser(
@@ -192,8 +206,66 @@ def serve(config, host: str, port: int) -> None:
 
 
 def cmd_serve(args) -> int:
+    if args.backend:
+        if args.model or args.worker:
+            raise ValueError("--backend makes a gateway, which loads no model: drop --model and --worker")
+        return serve_gateway(args)
+    if not args.model:
+        raise ValueError("--model is required (or --backend URL to forward to other servers)")
     name = Path(args.model).resolve().name  # a run folder's name, not its checkpoint's step_NNN
-    serve(_serve_config(args, resolve_model_dir(args.model), name), args.host, args.port)
+    config = _serve_config(args, resolve_model_dir(args.model), name)
+    if args.worker:
+        return serve_worker(args, config)
+    serve(config, args.host, args.port)
+    return 0
+
+
+def serve_worker(args, config) -> int:
+    import uvicorn
+
+    from .app import create_app, load_state
+    from .pricing import PriceSheet, Throughput, derive_price_sheet
+    from .worker import Unmetered, check_worker_host
+
+    check_worker_host(args.host, args.allow_public)
+    # the gateway limits each key; a worker only bounds its queue
+    config.requests_per_minute = config.tokens_per_minute = config.max_concurrent = None
+    sheet = (PriceSheet.load(config.prices) if Path(config.prices).is_file()
+             else derive_price_sheet(Throughput(1, 1, 1), "0", notes="a worker bills nothing"))
+    app = create_app(load_state(config, accounts=Unmetered(), sheet=sheet, key_admin=NoKeyAdmin()))
+    print(f"worker {app.state.serve.model_name} on http://{args.host}:{args.port}/v1 (no keys: for a gateway)",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _backend_model(urls: list[str]) -> str:
+    """The model id the first reachable backend serves (GET /v1/models)."""
+    import httpx
+
+    for url in urls:
+        try:
+            data = httpx.get(url.rstrip("/").removesuffix("/v1") + "/v1/models", timeout=5).json()["data"]
+            return data[0]["id"]
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+            continue
+    raise ValueError(f"--backend: none of {urls} answered GET /v1/models; start them first or pass --model-name")
+
+
+def serve_gateway(args) -> int:
+    import uvicorn
+
+    from .app import create_app, gateway_state
+    from .gateway import RemotePool
+
+    config = _serve_config(args, Path(""), "")
+    config.model_dir = ""
+    config.model_name = args.model_name or _backend_model(args.backend)
+    pool = RemotePool(args.backend, health_interval_s=args.health_interval)
+    app = create_app(gateway_state(config, pool))
+    print(f"gateway for {config.model_name} on http://{args.host}:{args.port}/v1 -> {', '.join(args.backend)}",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

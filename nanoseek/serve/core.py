@@ -78,6 +78,9 @@ class Job:
     logprobs: list[list[dict[int, float]]] = field(default_factory=list)
     finish: list[str | None] = field(default_factory=list)    # the engine's reason, per output
     cached: int = 0               # prompt tokens served from the prefix/disk cache
+    body: dict | None = None      # the validated request, as a remote backend receives it
+    num_prompt: int | None = None  # prompt tokens when not len(prompt_ids): a remote backend's count
+    num_output: int | None = None  # output tokens as a remote backend counts them (its deltas carry text)
     arrival: float = field(default_factory=time.monotonic)
     first_token: float | None = None
     closed: bool = False          # settled or released, and its permit given back
@@ -95,19 +98,28 @@ class Job:
         return self.params.n
 
     @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids) if self.num_prompt is None else self.num_prompt
+
+    @property
     def output_tokens(self) -> int:
-        return sum(len(t) for t in self.token_ids)
+        counted = sum(len(t) for t in self.token_ids)
+        return counted if self.num_output is None else max(counted, self.num_output)
 
     @property
     def cached_prompt_tokens(self) -> int:
-        return min(self.cached, len(self.prompt_ids))
+        return min(self.cached, self.prompt_tokens)
 
     @property
     def uncached_prompt_tokens(self) -> int:
-        return len(self.prompt_ids) - self.cached_prompt_tokens
+        return self.prompt_tokens - self.cached_prompt_tokens
 
     def absorb(self, update: "Update") -> None:
         self.cached = max(self.cached, update.num_cached_tokens)
+        if update.num_output_tokens is not None:  # a remote backend: its counts are the bill
+            self.num_output = update.num_output_tokens
+            if update.num_prompt_tokens:
+                self.num_prompt = update.num_prompt_tokens
         for d in update.deltas:
             self.texts[d.index] += d.text
             self.token_ids[d.index] += d.token_ids
@@ -245,13 +257,13 @@ async def admit(state: ServeState, key: "Key", job: Job) -> None:
     from .pricing import max_request_cost
 
     max_output = job.params.max_tokens * job.n
-    decision = state.limiter.acquire(key.id, len(job.prompt_ids) + max_output, count_request=False)
+    decision = state.limiter.acquire(key.id, job.prompt_tokens + max_output, count_request=False)
     if not decision.allowed:
         headers = {"Retry-After": decision.retry_after_header} if decision.retry_after_header else None
         raise ApiError(decision.status, decision.message, None, headers)
     job.permit = decision.permit
     try:
-        cost = max_request_cost(state.sheet.prices, len(job.prompt_ids), max_output)
+        cost = max_request_cost(state.sheet.prices, job.prompt_tokens, max_output)
         job.reservation = await asyncio.to_thread(state.accounts.reserve, key, job.id, cost,
                                                   state.sheet.prices, state.model_name)
     except InsufficientBalance as e:
@@ -267,13 +279,11 @@ async def admit(state: ServeState, key: "Key", job: Job) -> None:
 
 async def generate(state: ServeState, job: Job, keepalive_s: float | None = None
                    ) -> AsyncIterator["Update | None"]:
-    """The engine's updates for the job, each absorbed into it before it is yielded; None while
+    """The backend's updates for the job, each absorbed into it before it is yielded; None while
     waiting longer than keepalive_s. ValueError if the engine refuses the request, RequestFailed
-    if it fails on it. Closing this iterator aborts the engine request."""
-    prompt = {"prompt_token_ids": job.prompt_ids}
-    if job.cache_salt is not None:
-        prompt["cache_salt"] = job.cache_salt
-    stream = state.engine.generate(job.id, prompt, job.params, keepalive_s=keepalive_s)
+    if it fails on it, BackendError if a remote backend fails. Closing this iterator aborts the
+    request."""
+    stream = state.backend.generate(job, keepalive_s=keepalive_s)
     async with contextlib.aclosing(stream):
         async for update in stream:
             if update is not None:
@@ -316,11 +326,11 @@ async def close_job(state: ServeState, job: Job, route: str, status: int = 200) 
                 billed = Billed(job.cached_prompt_tokens, job.uncached_prompt_tokens, job.output_tokens)
                 await asyncio.to_thread(state.accounts.settle, job.reservation, billed)
         finally:
-            state.limiter.release(job.permit, len(job.prompt_ids) + job.output_tokens)
+            state.limiter.release(job.permit, job.prompt_tokens + job.output_tokens)
             now = time.monotonic()
             ttft = None if job.first_token is None else job.first_token - job.arrival
             tpot = None
             if job.first_token is not None and job.output_tokens > job.n:
                 tpot = (now - job.first_token) / (job.output_tokens - job.n)
-            state.metrics.request_done(route, status, len(job.prompt_ids), job.cached_prompt_tokens,
+            state.metrics.request_done(route, status, job.prompt_tokens, job.cached_prompt_tokens,
                                        job.output_tokens, ttft, tpot)

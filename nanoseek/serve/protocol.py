@@ -144,6 +144,7 @@ class ChatMessage(_Request):
 
 class StreamOptions(_Request):
     include_usage: Bool = False
+    continuous_usage_stats: Bool = False   # vLLM's: usage so far on every chunk (what a gateway asks)
 
 
 class ResponseFormat(_Request):

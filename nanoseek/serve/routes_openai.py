@@ -23,6 +23,7 @@ import weakref
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from .backends import BackendError
 from .core import (Job, admit, authenticate_generation, check_model, check_prompt_chars, check_request,
                    close_job, default_max_tokens, generate, make_sampling_params, new_id, off_loop,
                    parse_body, read_json, wait_for_disconnect)
@@ -93,6 +94,10 @@ def completion_prompt_ids(req: CompletionRequest, tokenizer) -> list[int]:
 async def build_job(state: ServeState, req: OpenAIRequest, cache_salt: str | None) -> Job:
     """The request as a Job: prompt ids, checks, sampling params (ApiError on each refusal)."""
     check_model(state, req.model)
+    if state.tokenizer is None:  # a gateway: the backend reads the prompt
+        from .gateway import forwarded_job
+
+        return forwarded_job(state, req)
     if isinstance(req, ChatCompletionRequest):
         kind, prefix, prompt_param = "chat", "chatcmpl-", "messages"
         messages = chat_messages(req)
@@ -157,8 +162,10 @@ def whole_response(state: ServeState, req: OpenAIRequest, job: Job) -> ChatCompl
 
 
 def stream_events(state: ServeState, req: OpenAIRequest, job: Job, update) -> list[str]:
-    """SSE events for one engine update: one chunk per output that has text or finished."""
+    """SSE events for one engine update: one chunk per output that has text or finished; each with
+    the usage so far when the client asked for continuous_usage_stats (as a gateway does)."""
     tok, events = state.tokenizer, []
+    so_far = usage(job) if req.stream_options and req.stream_options.continuous_usage_stats else None
     for d in update.deltas:
         if not d.text and d.finish_reason is None:
             continue  # tokens still held by the detokenizer (half a character); billed all the same
@@ -166,11 +173,12 @@ def stream_events(state: ServeState, req: OpenAIRequest, job: Job, update) -> li
         if job.kind == "chat":
             lp = chat_logprobs(tok, d.token_ids, d.logprobs, req.top_logprobs or 0) if req.logprobs else None
             events.append(sse(ChatCompletionChunk(id=job.id, model=state.model_name, choices=[
-                ChunkChoice(index=d.index, delta=Delta(content=d.text), logprobs=lp, finish_reason=reason)])))
+                ChunkChoice(index=d.index, delta=Delta(content=d.text), logprobs=lp, finish_reason=reason)],
+                usage=so_far)))
         else:
             lp = completion_logprobs(tok, d.token_ids, d.logprobs, req.logprobs) if req.logprobs is not None else None
             events.append(sse(Completion(id=job.id, model=state.model_name, choices=[
-                CompletionChoice(index=d.index, text=d.text, logprobs=lp, finish_reason=reason)])))
+                CompletionChoice(index=d.index, text=d.text, logprobs=lp, finish_reason=reason)], usage=so_far)))
     return events
 
 
@@ -230,6 +238,9 @@ def register_openai_routes(app: FastAPI, state: ServeState) -> None:
             status = 500
             log.error("request %s failed in the engine: %s", job.id, e.error)
             return error_response(500, engine_failure_message(job), None, {"X-Request-Id": job.id})
+        except BackendError as e:  # nothing reached the client, so nothing is billed
+            status, job.num_output = e.status, 0
+            return error_response(e.status, e.message, None, {"X-Request-Id": job.id})
         finally:
             gone.cancel()
             gen.cancel()
@@ -263,6 +274,9 @@ def register_openai_routes(app: FastAPI, state: ServeState) -> None:
             status = 500
             log.error("request %s failed in the engine: %s", job.id, e.error)
             yield f"data: {json.dumps(error_for_status(500, engine_failure_message(job)))}\n\n"
+        except BackendError as e:  # billed for what was delivered before it
+            status = e.status
+            yield f"data: {json.dumps(error_for_status(e.status, e.message))}\n\n"
         finally:
             if not closed:
                 await close_job(state, job, route, status)

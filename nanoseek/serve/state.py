@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from nanoseek.engine.llm import LLMEngine
 
     from .accounts import Accounts, Key
+    from .backends import Backend
     from .pricing import PriceSheet
 
 DEFAULT_DB_URL = "sqlite:///runs/nanoseek.db"
@@ -99,25 +100,32 @@ def error_response(status: int, message: str, param: str | None = None,
 
 
 class ServeState:
-    """What the routes share: engine, tokenizer, accounts, prices, limiter, metrics."""
+    """What the routes share: backend (the local engine, or remote workers), tokenizer, accounts,
+    prices, limiter, metrics. A gateway has no engine and no tokenizer (engine=tokenizer=None) and
+    passes its RemotePool as `backend`."""
 
-    def __init__(self, engine: "LLMEngine", tokenizer, accounts: "Accounts", sheet: "PriceSheet",
-                 config: ServeConfig, limiter: Limiter | None = None):
-        # imported here so `nanoseek serve --help` does not load torch
-        from nanoseek.engine.async_engine import AsyncEngine
-
+    def __init__(self, engine: "LLMEngine | None", tokenizer, accounts: "Accounts", sheet: "PriceSheet",
+                 config: ServeConfig, limiter: Limiter | None = None, backend: "Backend | None" = None,
+                 key_admin=None):
+        from .backends import LocalBackend
         from .key_admin import KeyAdmin
         from .metrics import ServeMetrics
 
         self.llm = engine
-        self.engine = AsyncEngine(engine)
+        self.engine = None
+        if engine is not None:
+            # imported here so `nanoseek serve --help` (and a gateway) does not load torch
+            from nanoseek.engine.async_engine import AsyncEngine
+
+            self.engine = AsyncEngine(engine)
+        self.backend = backend or LocalBackend(self.engine)
         self.tokenizer = tokenizer
         self.accounts = accounts
         self.sheet = sheet
         self.config = config
         self.model_name = config.model_name or Path(config.model_dir or "nanoseek").name
         self.limiter = limiter or Limiter(config.limits(), max_queue=config.max_queue)
-        self.key_admin = KeyAdmin(accounts)
+        self.key_admin = key_admin or KeyAdmin(accounts)   # a worker passes its own (worker.py)
         self.metrics = ServeMetrics(engine)
         self.started = time.time()
         self.max_body_bytes = config.max_body_bytes or default_body_limit(engine.max_model_len)
