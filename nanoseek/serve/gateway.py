@@ -221,8 +221,9 @@ class RemotePool:
             self.m_routed.labels(b.name, "retry" if tried else how).inc()
             tried.add(b.url)
             try:
-                async for update in self._stream(b, job):
-                    yield update
+                async with contextlib.aclosing(self._stream(b, job)) as updates:
+                    async for update in updates:
+                        yield update
                 return
             except _Retry as e:
                 last = f"{b.url}: {e}"

@@ -39,6 +39,9 @@ class Unmetered:
     def release(self, reservation: Reservation) -> None:
         return None
 
+    def record_progress(self, reservation: Reservation, usage) -> bool:
+        return True
+
     # the lease a server keeps on its holds (leases.LeaseKeeper): a worker holds nothing
     instance_id = "worker"
 
