@@ -212,6 +212,10 @@ def cmd_serve(args) -> int:
         return serve_gateway(args)
     if not args.model:
         raise ValueError("--model is required (or --backend URL to forward to other servers)")
+    if args.worker:
+        from .worker import check_worker_host
+
+        check_worker_host(args.host, args.allow_public)  # before minutes of loading a model
     name = Path(args.model).resolve().name  # a run folder's name, not its checkpoint's step_NNN
     config = _serve_config(args, resolve_model_dir(args.model), name)
     if args.worker:
@@ -225,9 +229,8 @@ def serve_worker(args, config) -> int:
 
     from .app import create_app, load_state
     from .pricing import PriceSheet, Throughput, derive_price_sheet
-    from .worker import Unmetered, check_worker_host
+    from .worker import Unmetered
 
-    check_worker_host(args.host, args.allow_public)
     # the gateway limits each key; a worker only bounds its queue
     config.requests_per_minute = config.tokens_per_minute = config.max_concurrent = None
     sheet = (PriceSheet.load(config.prices) if Path(config.prices).is_file()

@@ -92,3 +92,14 @@ def test_a_worker_refuses_a_public_interface_unless_allowed(host):
     with pytest.raises(ValueError, match="--allow-public"):
         check_worker_host(host)
     check_worker_host(host, allow_public=True)
+
+
+def test_the_cli_refuses_a_public_worker_and_a_gateway_with_a_model(tmp_path, capsys):
+    from nanoseek.cli import main
+
+    assert main(["serve", "--model", str(tmp_path), "--worker", "--host", "0.0.0.0"]) == 2
+    assert "--allow-public" in capsys.readouterr().err
+    assert main(["serve", "--backend", "http://127.0.0.1:9", "--model", str(tmp_path)]) == 2
+    assert "loads no model" in capsys.readouterr().err
+    assert main(["serve", "--backend", "ftp://x", "--model-name", "m"]) == 2
+    assert "http://" in capsys.readouterr().err
