@@ -5,7 +5,8 @@
 
 1. Added TTFT: one `nanoseek serve --worker` (on --model, or a tiny random model built here) and one
    gateway in front of it; requests alternate between the worker directly and the gateway, one at
-   a time, each a short chat streamed with max_tokens=4 (TTFT: to the first text). p50/p99 TTFT of both and the difference.
+   a time, each a short chat streamed with max_tokens=4; TTFT runs to the first chunk after the
+   role chunk. p50/p99 TTFT of both and the difference.
 2. Ceiling: the gateway in front of a trivial backend (a raw asyncio server in this script that
    answers every request at once with one token and its usage), --clients concurrent clients for
    --duration seconds: requests/s of authenticate, limit, reserve, forward, settle — on SQLite and,
@@ -112,6 +113,12 @@ def wait_up(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
         time.sleep(0.2)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop(*procs: subprocess.Popen) -> None:
     for p in procs:
         if p.poll() is None:
@@ -167,10 +174,14 @@ async def ttft_once(http: httpx.AsyncClient, url: str, key: str, model: str, i: 
     async with http.stream("POST", url + "/v1/chat/completions", json=body,
                            headers={"Authorization": f"Bearer {key}"}) as resp:
         resp.raise_for_status()
+        lines = []
         async for line in resp.aiter_lines():
-            if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
+            # the first chunk after the role chunk: the first token's text (or its finish, when a
+            # random model's token decodes to nothing)
+            if line.startswith("data: {") and '"role":"assistant"' not in line:
                 return time.perf_counter() - t0
-    raise RuntimeError(f"{url}: no content in the stream")
+            lines.append(line)
+    raise RuntimeError(f"{url}: no content in the stream: {lines[-4:]}")
 
 
 async def added_ttft(worker: str, gw: str, key: str, model: str, n: int) -> dict:
@@ -190,7 +201,7 @@ async def added_ttft(worker: str, gw: str, key: str, model: str, n: int) -> dict
 
 
 # ---------------------------------------------------------------------------- 2: the ceiling
-async def ceiling(gw: str, key: str, clients: int, duration: float) -> dict:
+async def ceiling(gw: str, key: str, clients: int, duration: float, pid: int) -> dict:
     body = {"model": "trivial", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     headers = {"Authorization": f"Bearer {key}"}
     done, errors = [], 0
@@ -208,11 +219,16 @@ async def ceiling(gw: str, key: str, clients: int, duration: float) -> dict:
                     done.append(time.perf_counter() - t0)
 
         await asyncio.gather(*(client(time.perf_counter() + 2, False) for _ in range(clients)))  # warm-up
-        t0 = time.perf_counter()
+        cpu0, t0 = cpu_seconds(pid), time.perf_counter()
         await asyncio.gather(*(client(t0 + duration, True) for _ in range(clients)))
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
+    cpu_ms = cpu / max(len(done), 1) * 1000
     return {"clients": clients, "seconds": round(elapsed, 1), "requests": len(done), "errors": errors,
             "requests_per_s": round(len(done) / elapsed, 1),
+            # the gateway process's own CPU per request, and what one such process could do if it
+            # had a core to itself (its GIL-bound loop and threads use about one)
+            "gateway_cpu_ms_per_request": round(cpu_ms, 2),
+            "one_core_ceiling_per_s": round(1000 / cpu_ms, 1) if done else 0.0,
             "latency_p50_ms": round(percentile(done, 50) * 1000, 1),
             "latency_p99_ms": round(percentile(done, 99) * 1000, 1)}
 
@@ -249,7 +265,7 @@ def main() -> int:
                 out["ttft"] = asyncio.run(added_ttft(wurl, gurl, key, name, args.requests))
             finally:
                 stop(*[x for x in (gw, worker) if x is not None])
-            print(f"TTFT ({args.requests} sequential requests per path, max_tokens=4, TTFT = first text):")
+            print(f"TTFT ({args.requests} sequential requests per path, max_tokens=4, TTFT = first token's chunk):")
             print("| path | p50 ms | p99 ms |\n|---|---|---|")
             t = out["ttft"]
             print(f"| direct to the worker | {t['direct_p50_ms']} | {t['direct_p99_ms']} |")
@@ -271,16 +287,18 @@ def main() -> int:
             for name, db in dbs.items():
                 gw, gurl, key = gateway(tmp, f"http://127.0.0.1:{bport}", db, "trivial")
                 try:
-                    out["ceiling"][name] = asyncio.run(ceiling(gurl, key, args.clients, args.duration))
+                    out["ceiling"][name] = asyncio.run(ceiling(gurl, key, args.clients, args.duration, gw.pid))
                 finally:
                     stop(gw)
         finally:
             stop(backend)
     out["load_after"] = os.getloadavg()
     print(f"\nceiling (trivial backend, {args.clients} clients, {args.duration:g} s):")
-    print("| ledger | requests/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|")
+    print("| ledger | requests/s | p50 ms | p99 ms | errors | gateway CPU ms/request | 1000 / that |\n"
+          "|---|---|---|---|---|---|---|")
     for name, c in out["ceiling"].items():
-        print(f"| {name} | {c['requests_per_s']} | {c['latency_p50_ms']} | {c['latency_p99_ms']} | {c['errors']} |")
+        print(f"| {name} | {c['requests_per_s']} | {c['latency_p50_ms']} | {c['latency_p99_ms']} | {c['errors']} "
+              f"| {c['gateway_cpu_ms_per_request']} | {c['one_core_ceiling_per_s']} |")
     print(f"\nload average before {out['load_before']}, after {out['load_after']}")
     if args.json:
         atomic_write(args.json, json.dumps(out, indent=2) + "\n")
