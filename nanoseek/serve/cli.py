@@ -229,7 +229,7 @@ def serve_worker(args, config) -> int:
 
     from .app import create_app, load_state
     from .pricing import PriceSheet, Throughput, derive_price_sheet
-    from .worker import Unmetered
+    from .worker import NoKeyAdmin, Unmetered
 
     # the gateway limits each key; a worker only bounds its queue
     config.requests_per_minute = config.tokens_per_minute = config.max_concurrent = None
