@@ -37,8 +37,9 @@ from .state import DEFAULT_DB_URL, ServeConfig, ServeState, error_response
 __all__ = ["DEFAULT_DB_URL", "ServeConfig", "ServeState", "build_app", "create_app", "load_state"]
 
 
-def create_app(state: ServeState) -> FastAPI:
-    """The FastAPI app over a ready ServeState (tests build the state from in-memory parts)."""
+def create_app(state: ServeState, console: bool = True) -> FastAPI:
+    """The FastAPI app over a ready ServeState (tests build the state from in-memory parts); a
+    worker has no console (console=False): it has no keys to sign in with."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -120,7 +121,8 @@ def create_app(state: ServeState) -> FastAPI:
     app.get("/v1/user/balance")(balance)
     app.get("/user/balance")(balance)
     register_openai_routes(app, state)
-    register_console_routes(app, state)
+    if console:
+        register_console_routes(app, state)
     return app
 
 

@@ -235,7 +235,7 @@ def serve_worker(args, config) -> int:
     config.requests_per_minute = config.tokens_per_minute = config.max_concurrent = None
     sheet = (PriceSheet.load(config.prices) if Path(config.prices).is_file()
              else derive_price_sheet(Throughput(1, 1, 1), "0", notes="a worker bills nothing"))
-    app = create_app(load_state(config, accounts=Unmetered(), sheet=sheet, key_admin=NoKeyAdmin()))
+    app = create_app(load_state(config, accounts=Unmetered(), sheet=sheet, key_admin=NoKeyAdmin()), console=False)
     print(f"worker {app.state.serve.model_name} on http://{args.host}:{args.port}/v1 (no keys: for a gateway)",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

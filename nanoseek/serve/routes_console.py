@@ -254,5 +254,5 @@ def server_metrics(state: ServeState) -> dict:
         "prefix_cache_queries_total": int(queries),
         "prefix_cache_hit_rate": hits / queries if queries else None,
         "requests_in_flight": state.limiter.in_flight,
-        "engine_alive": state.engine.error is None,
+        "engine_alive": state.backend.problem() is None,   # a gateway: some backend is healthy
     }

@@ -32,7 +32,7 @@ def spawn(*args: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while True:
         assert proc.poll() is None, proc.stdout.read()
