@@ -1,6 +1,6 @@
 """Two gateway replicas on one accounts database (PostgreSQL, and a SQLite file): a replica that
-restarts beside a live one never frees the live one's holds; the live one's stream, held open by
-its backend, then ends whole and is billed in full.
+restarts (twice) beside a live one never frees the live one's holds; the live one's streams, held
+open by their backend, then end whole and are billed in full.
 
 The backend is a real OpenAI-compatible HTTP server on loopback (asyncio streams, no framework)
 that sends one token and then waits for the test to let it finish: a request frozen mid-stream."""
@@ -20,6 +20,7 @@ from nanoseek.serve.pricing import Throughput, derive_price_sheet
 from tests.serve.test_app import free_port, wait_until
 
 TOKENS = 5
+CLIENTS = 4      # live requests on the replica that stays up
 
 
 class FrozenBackend:
@@ -28,6 +29,7 @@ class FrozenBackend:
 
     def __init__(self):
         self.release = threading.Event()
+        self.requests = 0            # chat requests received
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.loop = asyncio.new_event_loop()
@@ -63,6 +65,7 @@ class FrozenBackend:
                                  b"content-length: %d\r\n\r\n%s" % (len(data), data))
                     await writer.drain()
                     continue
+                self.requests += 1
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
                 n = min(TOKENS, body.get("max_tokens", TOKENS))
                 for i in range(n):
@@ -130,9 +133,9 @@ def test_a_restarting_gateway_replica_never_frees_a_live_replicas_holds(db_url):
         a = Replica(backend.url, db_url, sheet)
         replicas.append(a)
         key, secret = a.state.accounts.create_key("dana", Decimal("5"))
-        out: dict = {}
+        outs: list[dict] = [{} for _ in range(CLIENTS)]
 
-        def stream():
+        def stream(out: dict):
             body = {"model": "frozen", "messages": [{"role": "user", "content": "hold on"}],
                     "max_tokens": TOKENS, "stream": True, "stream_options": {"include_usage": True}}
             with httpx.stream("POST", a.url + "/v1/chat/completions", json=body, timeout=120,
@@ -140,10 +143,13 @@ def test_a_restarting_gateway_replica_never_frees_a_live_replicas_holds(db_url):
                 out["id"] = r.headers.get("x-request-id")
                 out["lines"] = [line for line in r.iter_lines() if line.startswith("data: ")]
 
-        client = threading.Thread(target=stream, daemon=True)
-        client.start()
-        wait_until(lambda: a.state.accounts.get_key(key.id).held > 0, "a's reservation")
+        clients = [threading.Thread(target=stream, args=(out,), daemon=True) for out in outs]
+        for c in clients:
+            c.start()
+        # a hold is taken before its request goes upstream: CLIENTS requests there, CLIENTS live holds
+        wait_until(lambda: backend.requests == CLIENTS, "a's requests at the backend")
         held = a.state.accounts.get_key(key.id).held
+        assert held > 0
         # replica b starts, stops and starts again while a's request is live
         for _ in range(2):
             b = Replica(backend.url, db_url, sheet)
@@ -155,15 +161,18 @@ def test_a_restarting_gateway_replica_never_frees_a_live_replicas_holds(db_url):
         replicas.append(b)
         assert b.state.accounts.get_key(key.id).held == held
         backend.release.set()
-        client.join(60)
-        assert not client.is_alive() and out["lines"][-1] == "data: [DONE]", out.get("lines", [])[-3:]
-        usage = json.loads(out["lines"][-2][6:])["usage"]
-        assert (usage["completion_tokens"], usage["prompt_cache_hit_tokens"], usage["prompt_cache_miss_tokens"]) \
-            == (TOKENS, 3, 4)
-        row = b.state.accounts.ledger_row(out["id"])
-        assert (row.output_tokens, row.cache_hit_tokens, row.cache_miss_tokens) == (TOKENS, 3, 4)
+        spent = Decimal(0)
+        for c, out in zip(clients, outs):
+            c.join(60)
+            assert not c.is_alive() and out["lines"][-1] == "data: [DONE]", out.get("lines", [])[-3:]
+            usage = json.loads(out["lines"][-2][6:])["usage"]
+            assert (usage["completion_tokens"], usage["prompt_cache_hit_tokens"],
+                    usage["prompt_cache_miss_tokens"]) == (TOKENS, 3, 4)
+            row = b.state.accounts.ledger_row(out["id"])
+            assert (row.output_tokens, row.cache_hit_tokens, row.cache_miss_tokens) == (TOKENS, 3, 4)
+            spent += row.amount
         k = b.state.accounts.get_key(key.id)
-        assert k.held == 0 and k.balance == Decimal("5") - row.amount and b.state.accounts.audit() == []
+        assert k.held == 0 and k.balance == Decimal("5") - spent and b.state.accounts.audit() == []
     finally:
         backend.release.set()
         for r in replicas:
