@@ -128,10 +128,13 @@ class ServeState:
         self.key_admin = key_admin or KeyAdmin(accounts)   # a worker passes its own (worker.py)
         self.metrics = ServeMetrics(engine)
         self.started = time.time()
-        self.max_body_bytes = config.max_body_bytes or default_body_limit(engine.max_model_len)
+        # a gateway does not know its backends' context: it allows DeepSeek-V3's 128K tokens
+        self.max_body_bytes = config.max_body_bytes or default_body_limit(
+            engine.max_model_len if engine is not None else 131_072)
         self.tokenize_pool = ThreadPoolExecutor(max(1, config.tokenizer_threads),
                                                 thread_name_prefix="nanoseek-tokenize")
-        self._warm_up_tokenizer()
+        if tokenizer is not None:
+            self._warm_up_tokenizer()
 
     def _warm_up_tokenizer(self) -> None:
         """Build what the tokenizer builds on first use (the chat template, the text-only copy) now:
