@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "nanoseek.serve.keys_cli",
     "nanoseek.serve.cli",
     "nanoseek.info",
+    "nanoseek.model.quant_cli",
     "nanoseek.train.cli",
     "nanoseek.train.compare_cli",
 ]

@@ -114,6 +114,41 @@ def describe(cfg: ModelConfig, name: str, context: int = 4096, dtype_bytes: int 
     return "\n".join(lines)
 
 
+def weight_bytes(cfg: ModelConfig, group_size: int = 128) -> dict[str, int | str]:
+    """Bytes of the weights in bf16 and weight-only int8 / int4 (scales in bf16), from a model built
+    on the meta device (nothing allocated); a scheme that cannot apply maps to the reason."""
+    import torch
+
+    from nanoseek.model.checkpoint import quantize_modules
+    from nanoseek.model.quant import QuantError, QuantScheme
+    from nanoseek.model.transformer import CausalLM
+
+    out: dict[str, int | str] = {}
+    for name in ("bf16", "int8", "int4"):
+        with torch.device("meta"):
+            model = CausalLM(cfg)
+        try:
+            if name != "bf16":
+                quantize_modules(model, QuantScheme.parse(name, group_size))
+        except QuantError as e:
+            out[name] = str(e)
+            continue
+        model = model.to(torch.bfloat16)
+        seen = {id(t): t for t in list(model.parameters()) + list(model.buffers()) if t is not model.inv_freq}
+        out[name] = sum(t.numel() * t.element_size() for t in seen.values())
+    return out
+
+
+def describe_weights(cfg: ModelConfig, group_size: int = 128) -> str:
+    total = count_params(cfg).total
+    lines = [f"  weights           bytes per parameter and total (int4: groups of {group_size}; "
+             f"router, norms, embedding stay bf16)"]
+    for name, b in weight_bytes(cfg, group_size).items():
+        lines.append(f"    {name:<6} {b}" if isinstance(b, str) else
+                     f"    {name:<6} {b / total:6.3f} B/param  {b / 1e9:9.3f} GB")
+    return "\n".join(lines)
+
+
 def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
     """This machine's fp32 matmul rate in FLOP/s (n x n by n x n, best of `repeats`): the ceiling
     that MFU and the benchmarks' "fraction of matmul rate" are measured against."""
@@ -156,6 +191,7 @@ def run(args) -> int:
         print(describe(cfg, name, context=args.context, dtype_bytes=args.dtype_bytes))
         if args.kernels:
             print(kernels_report(cfg, args.max_rows, args.remeasure))
+        print(describe_weights(cfg, args.group_size))
     return 0
 
 
@@ -169,4 +205,5 @@ def register(sub) -> None:
                    help="also time the projection kernels on this config's shapes and show this host's choice")
     p.add_argument("--max-rows", type=int, default=16, help="largest row count (batch) to time with --kernels")
     p.add_argument("--remeasure", action="store_true", help="with --kernels: ignore the per-host cache")
+    p.add_argument("--group-size", type=int, default=128, help="int4 input channels per scale (default 128)")
     p.set_defaults(func=run)

@@ -17,7 +17,8 @@ def run(args) -> int:
     from nanoseek.engine.sampling import SamplingParams
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    llm = LLM(args.model, dtype=dtype, device=args.device, cache_dir=args.cache_dir, enforce_eager=args.enforce_eager)
+    llm = LLM(args.model, dtype=dtype, device=args.device, quantization=args.quantization,
+              group_size=args.group_size, cache_dir=args.cache_dir, enforce_eager=args.enforce_eager)
     engine = llm.engine
     if engine.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json; nanoseek generate needs one to read text")
@@ -55,6 +56,9 @@ def register(sub) -> None:
     e = p.add_argument_group("engine")
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     e.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
+    e.add_argument("--quantization", choices=["int8", "int4"], default=None,
+                   help="weight-only quantisation while loading (a folder saved quantised needs none)")
+    e.add_argument("--group-size", type=int, default=128, help="int4: input channels per scale (default 128)")
     e.add_argument("--cache-dir", default=None, help="disk context cache folder")
     e.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
                    help="run decode eagerly (default); --no-enforce-eager compiles the decode step")

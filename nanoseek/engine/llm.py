@@ -316,12 +316,19 @@ class LLM:
     _ids = itertools.count()
 
     def __init__(self, model: str | os.PathLike | Any, tokenizer: str | os.PathLike | Any | None = None,
-                 dtype: torch.dtype | None = None, device: str | torch.device | None = None, **engine_options):
+                 dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                 quantization: str | None = None, group_size: int = 128, **engine_options):
+        """quantization: "int8" | "int4" weight-only (int4: one scale per group_size input channels),
+        quantised while loading a folder (a folder saved quantised loads quantised without it)."""
         from nanoseek.model.checkpoint import load_model
 
         if isinstance(model, (str, os.PathLike)):
             folder = model
-            model = load_model(folder, dtype=dtype, device=device)
+            model = load_model(folder, dtype=dtype, device=device, quantization=quantization,
+                               group_size=group_size)
+        elif quantization is not None:
+            raise ValueError(f"quantization={quantization!r} applies to a model folder; this model is "
+                             f"already built (load it with load_model(..., quantization=...))")
             if tokenizer is None and os.path.exists(os.path.join(folder, "tokenizer.json")):
                 tokenizer = folder
         if isinstance(tokenizer, (str, os.PathLike)):

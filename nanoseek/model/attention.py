@@ -137,8 +137,10 @@ class MLA(nn.Module):
         return out.transpose(1, 2)[..., :Dv]  # [B, T, H, Dv]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv_b_proj split per head: W_UK [H, Dn, L] and W_UV [H, Dv, L] (views, no copy)."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.Dn + self.Dv, self.L)
+        """kv_b_proj split per head: W_UK [H, Dn, L] and W_UV [H, Dv, L] (views, no copy). A quantised
+        kv_b_proj is dequantised (QuantWeight.dense caches it once; see bench/RESULTS.md)."""
+        w = self.kv_b_proj.weight
+        w = (w if isinstance(w, torch.Tensor) else w.dense()).view(self.n_heads, self.Dn + self.Dv, self.L)
         return w[:, : self.Dn], w[:, self.Dn:]
 
 

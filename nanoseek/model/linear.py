@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.io import atomic_write
+from nanoseek.model import quant
 
 MAX_ROWS = 16  # above this many rows every kind's reference kernel is used, untimed
 ROW_CLASSES = (1, 2, 4, 8, 16)  # rows are rounded up to one of these to look a choice up
@@ -55,6 +56,11 @@ def _dense_small_rows(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 # kind -> {kernel name: fn}; the first entry of each kind is its reference.
 KERNELS: dict[str, dict[str, Kernel]] = {
     "dense": {"F.linear": _dense_reference, "small_rows": _dense_small_rows},
+    # weight-only quantised (quant.QuantWeight): "auto" (first, so it also serves > MAX_ROWS rows) is
+    # torch's fused op where one exists for the device, dtype and layout, else "dequant", the
+    # reference (dequantise the weight, then F.linear); tune measures all of them.
+    "int8": {"auto": quant.auto_linear, "dequant": quant.dequant_linear, "int8pack": quant.int8pack_linear},
+    "int4": {"auto": quant.auto_linear, "dequant": quant.dequant_linear, "int4pack": quant.int4pack_linear},
 }
 
 # (kind, rows class, out, in) -> kernel name: filled by `tune` (or `set_choices`), read by `linear`.

@@ -114,8 +114,9 @@ def expert_ffn(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, coun
     expert; expert parallel (nanoseek.train.distributed) with this rank's slice and the rows it
     received. With no rows the result is still computed from xs, so that it stays in the autograd
     graph (an expert-parallel rank that received nothing must still join the backward exchange)."""
-    if impl == "auto":
-        impl = "grouped" if xs.is_cuda and xs.dtype == gate_up.dtype == torch.bfloat16 else "loop"
+    if impl == "auto":  # quantised experts (not a tensor) take the loop, one expert's kernel at a time
+        dense = isinstance(gate_up, torch.Tensor)
+        impl = "grouped" if dense and xs.is_cuda and xs.dtype == gate_up.dtype == torch.bfloat16 else "loop"
     if impl == "grouped":
         offs = counts.cumsum(0).to(torch.int32)
         h = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs)  # [M, 2I]
@@ -165,6 +166,8 @@ _FIXED_CHOICE: dict[tuple[int, int, int, int], str] = {}  # the same among FIXED
 
 def dispatch_impl(n_tokens: int, gate_up) -> str:
     """The Experts.forward variant for n_tokens rows: "sorted" or a FIXED name."""
+    if not isinstance(gate_up, torch.Tensor):  # quantised experts: "sorted", one expert's kernel at a time
+        return "sorted"
     key = (row_class(n_tokens), *gate_up.shape)
     if torch.compiler.is_compiling():  # no host reads inside a compiled graph
         return _FIXED_CHOICE.get(key, "dense")
@@ -192,7 +195,7 @@ class Experts(nn.Module):
 
     def dispatch_weights(self) -> list:
         """One expert's weights, for the projection kernels' timing (nanoseek.model.linear.tune)."""
-        return [self.gate_up_proj[0], self.down_proj[0]]
+        return [self.gate_up_proj.unbind(0)[0], self.down_proj.unbind(0)[0]]
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
                 impl: str | None = None) -> torch.Tensor:
@@ -232,7 +235,7 @@ def tune_dispatch(model: nn.Module, max_rows: int, timer=_dispatch_timer, use_ca
     to max_rows (N tokens, each with K distinct experts), keep the fastest per class, cache it per
     host with the projection kernels. timer(impl, experts, x, idx, weights) -> seconds."""
     experts = next((m for m in model.modules() if isinstance(m, Experts)), None)
-    if experts is None:
+    if experts is None or not isinstance(experts.gate_up_proj, torch.Tensor):  # quantised: always "sorted"
         return []
     gate_up = experts.gate_up_proj
     E, I2, C = gate_up.shape

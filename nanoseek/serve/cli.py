@@ -49,6 +49,9 @@ def _engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> Non
     g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
                    help="run decode eagerly (default); --no-enforce-eager compiles a decode step per batch "
                         "bucket (minutes of warm-up on 2 cores, see bench/RESULTS.md)")
+    g.add_argument("--quantization", choices=["int8", "int4"], default=None,
+                   help="weight-only quantisation while loading (a folder saved quantised needs none)")
+    g.add_argument("--group-size", type=int, default=128, help="int4: input channels per scale (default 128)")
     g.add_argument("--prices", default=DEFAULT_PRICES, help=f"price sheet (default {DEFAULT_PRICES})")
 
 
@@ -137,7 +140,9 @@ def _load_engine(args, model_dir: Path):
     from nanoseek.model.checkpoint import load_model
 
     tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
-    return LLMEngine(load_model(str(model_dir)), tokenizer, block_size=args.block_size,
+    model = load_model(str(model_dir), quantization=getattr(args, "quantization", None),
+                       group_size=getattr(args, "group_size", 128))
+    return LLMEngine(model, tokenizer, block_size=args.block_size,
                      max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                      max_model_len=args.max_model_len)
 
