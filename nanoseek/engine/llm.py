@@ -326,11 +326,11 @@ class LLM:
             folder = model
             model = load_model(folder, dtype=dtype, device=device, quantization=quantization,
                                group_size=group_size)
+            if tokenizer is None and os.path.exists(os.path.join(folder, "tokenizer.json")):
+                tokenizer = folder
         elif quantization is not None:
             raise ValueError(f"quantization={quantization!r} applies to a model folder; this model is "
                              f"already built (load it with load_model(..., quantization=...))")
-            if tokenizer is None and os.path.exists(os.path.join(folder, "tokenizer.json")):
-                tokenizer = folder
         if isinstance(tokenizer, (str, os.PathLike)):
             from nanoseek.data.tokenizer import load_tokenizer
             tokenizer = load_tokenizer(tokenizer)
