@@ -46,7 +46,7 @@ def score(model, windows: torch.Tensor, batch: int = 4) -> tuple[torch.Tensor, f
     preds, losses = [], []
     for i in range(0, len(windows), batch):
         w = windows[i:i + batch]
-        logits = model(w[:, :-1]).float()
+        logits = model.compute_logits(model(w[:, :-1])).float()
         preds.append(logits.argmax(-1))
         losses.append(F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="none"))
     return torch.cat(preds), torch.cat(losses).mean().item()
