@@ -32,6 +32,9 @@ class FailsOnToken(torch.nn.Module):
             raise RuntimeError("simulated kernel failure at 0xdeadbeef")
         return self.inner(input_ids, **kw)
 
+    def compute_logits(self, hidden, indices=None):
+        return self.inner.compute_logits(hidden, indices)
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
