@@ -43,23 +43,45 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
 CHAT_ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = {role: f"<|{role}|>" for role in CHAT_ROLES}
-SPECIAL_TOKENS = [BOS, EOS, PAD, *ROLE_TOKENS.values(), FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE]
+# Tool calls, in the spirit of DeepSeek-V3's template: an assistant turn may end in
+#   <|tool_calls_begin|>(<|tool_call_begin|>NAME<|tool_sep|>JSON ARGS<|tool_call_end|>)+<|tool_calls_end|>
+# and a tool's result comes back as <|tool_output_begin|>TEXT<|tool_output_end|>. Appended after
+# the older special tokens, so tokenizers trained before them keep their ids (they have no tools).
+TOOL_PARTS = ("calls_begin", "call_begin", "sep", "call_end", "calls_end", "output_begin", "output_end")
+TOOL_TOKENS = {part: f"<|tool_{part}|>" for part in TOOL_PARTS}
+SPECIAL_TOKENS = [BOS, EOS, PAD, *ROLE_TOKENS.values(), FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, *TOOL_TOKENS.values()]
 # names of the FIM tokens in published tokenizers: ours, DeepSeek (Coder/V2/V3), StarCoder
 FIM_NAMES = {
     "prefix": (FIM_PREFIX, "<｜fim▁begin｜>", "<fim_prefix>"),
     "suffix": (FIM_SUFFIX, "<｜fim▁hole｜>", "<fim_suffix>"),
     "middle": (FIM_MIDDLE, "<｜fim▁end｜>", "<fim_middle>"),
 }
+# the tool-call tokens: ours, then DeepSeek-V3's
+TOOL_NAMES = {part: (TOOL_TOKENS[part], f"<｜tool▁{part.replace('_', '▁')}｜>") for part in TOOL_PARTS}
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}"""
                  r"""| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""")
-# Each turn is <|role|>content<|eos|>, so a model trained on it stops on EOS by itself.
+# Each turn is <|role|>content<|eos|>, so a model trained on it stops on EOS by itself. With `tools`
+# (OpenAI's [{"type": "function", "function": {name, description, parameters}}]) a system turn lists
+# them as JSON first; an assistant turn with tool_calls ends in the tool-call tokens; a "tool" turn is
+# the tool's output between its own tokens.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}{{ '<|system|>Tools:' }}"
+    "{% for tool in tools %}{{ '\n' ~ (tool['function'] if 'function' in tool else tool) | tojson }}{% endfor %}"
+    "{{ eos_token }}{% endif %}"
     "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown chat role ' ~ message['role'] ~ '; expected system, user or assistant') }}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('unknown chat role ' ~ message['role'] ~ '; expected system, user, assistant or tool') }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<|tool_output_begin|>' ~ message['content'] ~ '<|tool_output_end|>' }}"
+    "{% else %}"
+    "{{ '<|' ~ message['role'] ~ '|>' ~ (message['content'] or '') }}"
+    "{% if message['tool_calls'] %}{{ '<|tool_calls_begin|>' }}"
+    "{% for call in message['tool_calls'] %}{{ '<|tool_call_begin|>' ~ call['function']['name'] ~ '<|tool_sep|>' ~ "
+    "call['function']['arguments'] ~ '<|tool_call_end|>' }}{% endfor %}"
+    "{{ '<|tool_calls_end|>' }}{% endif %}"
+    "{{ eos_token }}"
     "{% endif %}"
-    "{{ '<|' ~ message['role'] ~ '|>' ~ message['content'] ~ eos_token }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
@@ -165,18 +187,29 @@ class Tokenizer:
         return self.tok.token_to_id(token)
 
     # ------------------------------------------------------------------ chat
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt string for `messages` ([{"role", "content"}]), rendered as transformers does."""
+    @property
+    def tool_ids(self) -> dict[str, int] | None:
+        """The ids of the tool-call tokens (TOOL_PARTS -> id), ours or DeepSeek's; None when this
+        tokenizer has not all of them (trained before tools: it cannot call tools)."""
+        ids = {part: self._first_id(names) for part, names in TOOL_NAMES.items()}
+        return None if None in ids.values() else ids
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """The prompt string for `messages` ([{"role", "content"}], assistant turns may carry
+        tool_calls) and `tools`, rendered as transformers does."""
         if self.chat_template is None:
             raise TokenizerError("this tokenizer has no chat_template (tokenizer_config.json)")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise TokenizerError(f"messages[{i}]={m!r}: expected a dict with 'role' and 'content'")
         return _compile_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
+            messages=[{"tool_calls": None, **m} for m in messages], tools=tools,
+            add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
         """The chat prompt's ids, with every message's content encoded as text: only the template
         writes control tokens, so content such as "x<|eos|><|system|>" cannot forge a turn.
 
@@ -200,13 +233,13 @@ class Tokenizer:
                     m = {**m, "content": f" \n{tag}x{len(contents)}x{tag}\n "}
                     contents.append(c)
             masked.append(m)
-        rendered = self.apply_chat_template(masked, add_generation_prompt)
+        rendered = self.apply_chat_template(masked, add_generation_prompt, tools=tools)
         pieces = re.split(f" \n{tag}x(\\d+)x{tag}\n ", rendered)  # [template, index, template, ...]
         if sorted(int(p) for p in pieces[1::2]) != list(range(len(contents))) or tag in "".join(pieces[::2]):
             if any(self._has_special_text(c) for c in contents):
                 raise TokenizerError("a message's content holds special-token text, which this "
                                      "chat template does not let us keep as text")
-            return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools=tools))
         ids: list[int] = []
         for j, p in enumerate(pieces):
             if j % 2:

@@ -42,6 +42,7 @@ from nanoseek.engine.runner import ModelRunner
 from nanoseek.engine.sampling import SamplingParams, make_generator
 from nanoseek.engine.scheduler import RequestRejected, Scheduler
 from nanoseek.engine.sequence import Sequence
+from nanoseek.engine.structured import GrammarState, Grammars
 from nanoseek.model.linear import MAX_ROWS, format_report, tune
 from nanoseek.model.moe import tune_dispatch
 
@@ -94,6 +95,7 @@ class _Child:
     out: CompletionOutput
     detok: IncrementalDetokenizer | None
     generator: torch.Generator | None
+    grammar: GrammarState | None = None   # where the output stands in its structured_outputs grammar
 
 
 def _available_memory(device: torch.device) -> int:
@@ -152,6 +154,16 @@ class LLMEngine:
         self._requests: dict[str, RequestOutput] = {}
         self._children: dict[Hashable, tuple[str, _Child]] = {}
         self._params: dict[str, SamplingParams] = {}
+        self._grammars: Grammars | None = None
+
+    @property
+    def grammars(self) -> Grammars:
+        """The structured-output compiler over this engine's tokenizer (built at first use)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs needs the engine to have a tokenizer")
+            self._grammars = Grammars(self.tokenizer, self.config.vocab_size, self.config.eos_token_ids)
+        return self._grammars
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -189,6 +201,9 @@ class LLMEngine:
             raise RequestRejected(f"request id {request_id!r} is already in the engine")
         text, ids, salt = self._prompt_ids(prompt)
         self.check_request(ids, params)  # before anything reads the ids (the detokenizer does)
+        spec = params.structured_outputs
+        if spec is not None:
+            self.grammars.check(spec)  # compiled once per spec; a bad one is refused before anything queues
         req = RequestOutput(request_id, text, ids, [], arrival_time=time.monotonic())
         children = []
         for i in range(params.n):
@@ -200,7 +215,7 @@ class LLMEngine:
                                                ids, stop=params.stop)
             seed = None if params.seed is None else (params.seed + i) % 2 ** 64  # the generator's range
             children.append(_Child(seq, CompletionOutput(i, logprobs=[] if params.logprobs is not None else None),
-                                   detok, make_generator(seed)))
+                                   detok, make_generator(seed), spec and self.grammars.start(spec)))
         added = []
         try:
             for c in children:
@@ -237,11 +252,13 @@ class LLMEngine:
         """Run one scheduler step; returns the requests that progressed (finished ones for the last
         time, failed ones with `error` set)."""
         out = self.scheduler.schedule()
-        for c in self._children.values():
-            c[1].out.delta_text = ""
+        for req in self._requests.values():  # outputs finished earlier too: they must not repeat
+            for o in req.outputs:
+                o.delta_text = ""
         try:
             sampled = self.runner.execute(out, lambda sid: self._children[sid][1].seq.params,
-                                          lambda sid: self._children[sid][1].generator)
+                                          lambda sid: self._children[sid][1].generator,
+                                          lambda sid: self._children[sid][1].grammar)
             finished = {s.seq_id for s in self.scheduler.update(out, {k: v.token_id for k, v in sampled.items()})}
         except Exception as e:  # the step did not run: fail its requests, keep the engine going
             seqs = self.scheduler.recover(out)
@@ -294,6 +311,12 @@ class LLMEngine:
                 self.scheduler.finish(sid, "stop", c.detok.stop_reason)
                 finished.add(sid)
                 c.seq.finish_reason, c.seq.stop_reason = "stop", c.detok.stop_reason
+        if c.grammar is not None and sid not in finished:
+            # the token was allowed, so this only fails if a row had no allowed token at all
+            if not c.grammar.advance(r.token_id) or c.grammar.is_done:
+                self.scheduler.finish(sid, "stop", r.token_id)
+                finished.add(sid)
+                c.seq.finish_reason, c.seq.stop_reason = "stop", r.token_id
 
     def _fail(self, request_id: str, error: BaseException) -> RequestOutput:
         """End a request because the engine failed on it: its sequences are freed, and its output

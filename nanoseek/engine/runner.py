@@ -1,7 +1,7 @@
 """ModelRunner: one scheduler step on the model — build the metadata, run the model, sample on its device.
 
     runner = ModelRunner(model, cache, backend, disk=None)
-    sampled = runner.execute(sched_out, params_of, generators_of)   # {seq_id: SampleResult}
+    sampled = runner.execute(sched_out, params_of, generators_of, grammar_of)   # {seq_id: SampleResult}
 
 Each step runs in at most a few forwards:
 - all sequences that decode one token together, one model row each (absorbed MLA over the latent,
@@ -22,6 +22,7 @@ import torch
 from nanoseek.engine.disk_cache import DiskCache
 from nanoseek.engine.kv_cache import PagedKVCache
 from nanoseek.engine.sampling import SamplingParams, sample
+from nanoseek.engine.structured import GrammarState, fill_bitmask, unpack_bitmask
 from nanoseek.engine.scheduler import SchedulerOutput
 from nanoseek.model.backend import prefer_absorbed
 from nanoseek.model.transformer import CausalLM
@@ -44,18 +45,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, params_of: Callable[[Hashable], SamplingParams],
-                generator_of: Callable[[Hashable], torch.Generator | None]) -> dict[Hashable, SampleResult]:
+                generator_of: Callable[[Hashable], torch.Generator | None],
+                grammar_of: Callable[[Hashable], GrammarState | None] = lambda sid: None
+                ) -> dict[Hashable, SampleResult]:
         for block_id, h in out.blocks_to_load:
             self.cache.write_block(block_id, self.disk.take(h))
         sampled: dict[Hashable, SampleResult] = {}
         if out.scheduled:
-            sampled = self._run(out, params_of, generator_of)
+            sampled = self._run(out, params_of, generator_of, grammar_of)
         if self.disk is not None:
             for block_id, h in out.blocks_to_save:
                 self.disk.save(h, self.cache.read_block(block_id))
         return sampled
 
-    def _run(self, out, params_of, generator_of) -> dict[Hashable, SampleResult]:
+    def _run(self, out, params_of, generator_of, grammar_of) -> dict[Hashable, SampleResult]:
         """Decoding sequences go through the model together; each prompt chunk on its own (its
         attention stays causal over its own keys, and the weights are read once per chunk anyway)."""
         decodes = [s for s in out.scheduled if s.num_new_tokens == 1 and s.start > 0]
@@ -66,7 +69,7 @@ class ModelRunner:
         for items in groups:
             logits, seqs = self._forward(items)
             if seqs:
-                results.update(self._sample(logits, seqs, params_of, generator_of))
+                results.update(self._sample(logits, seqs, params_of, generator_of, grammar_of))
         return results
 
     def _forward(self, items) -> tuple[torch.Tensor | None, list]:
@@ -87,15 +90,17 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden, torch.tensor(ends, device=self.device))  # [n, V]
         return logits, [items[i].seq for i in rows]
 
-    def allowed_tokens(self, seqs) -> torch.Tensor | None:
+    def allowed_tokens(self, seqs, grammar_of, vocab_size: int) -> torch.Tensor | None:
         """[n, V] bool of the tokens each sampling row may take (structured output); None: all."""
-        return None
+        bitmask = fill_bitmask([grammar_of(s.seq_id) for s in seqs], vocab_size)  # [n, W] on the host
+        return None if bitmask is None else unpack_bitmask(bitmask, vocab_size).to(self.device)
 
-    def _sample(self, logits, seqs, params_of, generator_of) -> dict[Hashable, SampleResult]:
+    def _sample(self, logits, seqs, params_of, generator_of, grammar_of) -> dict[Hashable, SampleResult]:
         params = [params_of(s.seq_id) for s in seqs]
         res = sample(logits, params, [s.prompt_token_ids for s in seqs],
                      [s.output_token_ids for s in seqs], [generator_of(s.seq_id) for s in seqs],
-                     eos_token_ids=self.eos_token_ids, allowed=self.allowed_tokens(seqs))
+                     eos_token_ids=self.eos_token_ids,
+                     allowed=self.allowed_tokens(seqs, grammar_of, logits.shape[-1]))
         token_ids = res.token_ids.tolist()  # the one read back per step
         want_logprobs = any(p.logprobs is not None for p in params)
         logprobs = res.logprobs.tolist() if want_logprobs else None

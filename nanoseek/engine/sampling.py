@@ -22,6 +22,8 @@ from typing import Sequence
 
 import torch
 
+from nanoseek.engine.structured import StructuredOutputs
+
 MAX_LOGPROBS = 20       # OpenAI's cap on top_logprobs
 GREEDY_BELOW = 1e-5     # temperatures under this are greedy: dividing by them overflows
 TOP_P_CANDIDATES = 256  # top_p looks at this many best tokens first, sorting all only if needed
@@ -53,6 +55,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # number of top logprobs per token; 0: only the chosen token's
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None   # a grammar the output must follow
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -99,6 +102,9 @@ class SamplingParams:
              "stop_token_ids", f"stop_token_ids={self.stop_token_ids!r} must be a list of token ids >= 0")
         need(self.seed is None or (is_int(self.seed) and -2 ** 63 <= self.seed < 2 ** 64), "seed",
              f"seed={self.seed!r} must be an integer in [-2**63, 2**64) (a torch.Generator seed) or None")
+        need(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),
+             "structured_outputs", f"structured_outputs={self.structured_outputs!r} must be a "
+             "StructuredOutputs or None")
         need(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
              "logprobs", f"logprobs={self.logprobs!r} must be None or an integer in [0, {MAX_LOGPROBS}]")
 
@@ -270,6 +276,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     for i, p in enumerate(params):
         if len(output_ids[i]) < p.min_tokens:
             banned[i] = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
+    unbanned = x
     x = mask_tokens(x, banned)
 
     if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
@@ -277,7 +284,12 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
                             [p.frequency_penalty for p in params],
                             [p.repetition_penalty for p in params])
 
-    x = apply_allowed(x, allowed)
+    if allowed is not None:
+        y = apply_allowed(x, allowed)
+        if banned:  # the grammar outranks min_tokens: a row it leaves no token keeps its grammar's
+            empty = torch.isneginf(y).all(dim=-1)
+            y[empty] = apply_allowed(unbanned, allowed)[empty]
+        x = y
     token_ids = x.argmax(dim=-1)
     rand_rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if rand_rows:

@@ -52,6 +52,7 @@ from .state import ApiError, ServeState
 if TYPE_CHECKING:
     from nanoseek.engine.async_engine import Update
     from nanoseek.engine.sampling import SamplingParams
+    from nanoseek.engine.structured import StructuredOutputs
 
     from .accounts import Key, Reservation
     from .limits import Permit
@@ -247,6 +248,16 @@ def check_request(state: ServeState, prompt_ids: list[int], params: "SamplingPar
         state.llm.check_request(prompt_ids, params)
     except RequestRejected as e:
         param = prompt_param if e.param in (None, "prompt") else e.param
+        raise ApiError(400, f"{param}: {e}", param) from None
+
+
+async def check_grammar(state: ServeState, spec: "StructuredOutputs", param: str) -> None:
+    """Compile the grammar now (cached; off the event loop), so a bad one is a 400 naming `param`."""
+    from nanoseek.engine.structured import StructuredOutputError
+
+    try:
+        await asyncio.to_thread(state.llm.grammars.check, spec)
+    except StructuredOutputError as e:
         raise ApiError(400, f"{param}: {e}", param) from None
 
 

@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .pricing import format_money  # noqa: F401  (re-exported for the app)
 
-FinishReason = Literal["stop", "length", "content_filter"]
+FinishReason = Literal["stop", "length", "content_filter", "tool_calls"]
+MAX_TOOLS = 128
 MAX_STOP = 16
 MAX_N = 16
 MAX_INT = 2 ** 31 - 1              # bound of token ids, top_k, max_tokens before the engine's own checks
@@ -120,12 +121,49 @@ class TextPart(_Request):
     text: str
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class FunctionCall(_Request):
+    name: FunctionName
+    arguments: str                  # JSON text, as the model wrote it
+
+
+class ToolCall(_Request):
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(_Request):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None     # a JSON schema; None: any object
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Request):
+    name: FunctionName
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     prefix: Bool = False            # DeepSeek beta: continue this assistant message
     reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None     # an assistant turn that called tools
+    tool_call_id: str | None = None              # a tool turn: the call it answers
 
     @property
     def text(self) -> str:
@@ -139,6 +177,10 @@ class ChatMessage(_Request):
     def _content_present(self) -> "ChatMessage":
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id, the id of the call it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"only assistant messages carry tool_calls, not {self.role}")
         return self
 
 
@@ -147,8 +189,25 @@ class StreamOptions(_Request):
     continuous_usage_stats: Bool = False   # vLLM's: usage so far on every chunk (what a gateway asks)
 
 
+class JsonSchemaFormat(_Request):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Request):
-    type: Literal["text"] = "text"
+    """text (default), json_object (any JSON object) or json_schema (this schema), enforced by the
+    engine's grammar (nanoseek.engine.structured)."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object {name, schema, strict}")
+        return self
 
 
 Temperature = Annotated[float, Field(strict=True, ge=0.0, le=2.0)]
@@ -196,6 +255,16 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: Bool = False
     top_logprobs: Int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @property
+    def tool_mode(self) -> str:
+        """none | auto | required | named (OpenAI's default: auto with tools, none without)."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or ("auto" if self.tools else "none")
 
     @model_validator(mode="after")
     def _logprobs(self) -> "ChatCompletionRequest":
@@ -269,10 +338,22 @@ class ChoiceLogprobs(_Response):
     content: list[TokenLogprob] | None = None
 
 
+class ResponseFunctionCall(_Response):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(_Response):
@@ -303,10 +384,26 @@ class ChatCompletion(_Response):
         return cls(id=id, model=model, choices=[choice], usage=usage)
 
 
+class DeltaFunctionCall(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Response):
+    """A fragment of a streamed tool call: the first one of a call has id, type and name; the rest
+    carry pieces of its arguments, which concatenate to the whole JSON text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class Delta(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(_Response):

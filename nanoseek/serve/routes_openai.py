@@ -19,21 +19,28 @@ import contextlib
 import json
 import logging
 import weakref
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .backends import BackendError
-from .core import (Job, admit, authenticate_generation, check_model, check_prompt_chars, check_request,
-                   close_job, default_max_tokens, generate, make_sampling_params, new_id, off_loop,
+from .core import (Job, admit, authenticate_generation, check_grammar, check_model, check_prompt_chars,
+                   check_request, close_job, default_max_tokens, generate, make_sampling_params, new_id, off_loop,
                    parse_body, read_json, wait_for_disconnect)
 from .protocol import (SSE_DONE, SSE_KEEP_ALIVE, AssistantMessage, ChatChoice, ChatCompletion,
                        ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs, ChunkChoice, Completion,
-                       CompletionChoice, CompletionLogprobs, CompletionRequest, Delta, TokenLogprob,
-                       TopLogprob, Usage, error_for_status, sse)
+                       CompletionChoice, CompletionLogprobs, CompletionRequest, Delta, DeltaFunctionCall,
+                       DeltaToolCall, ResponseFunctionCall, ResponseToolCall, TokenLogprob, TopLogprob, Usage,
+                       error_for_status, sse)
 from .state import ApiError, ServeState, error_response
+from .tools import ToolStream, check_tools, new_call_id, parse_output, schema_params, tool_grammar
 
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+if TYPE_CHECKING:
+    from nanoseek.engine.structured import StructuredOutputs
+
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+              "tool": "tool"}
 OpenAIRequest = ChatCompletionRequest | CompletionRequest
 log = logging.getLogger("nanoseek.serve")
 
@@ -53,20 +60,35 @@ def usage(job: Job) -> Usage:
 
 
 # ---------------------------------------------------------------------------- prompt building
-def chat_messages(req: ChatCompletionRequest) -> list[dict]:
+def chat_messages(req: ChatCompletionRequest, tokenizer) -> list[dict]:
     messages = []
     for i, m in enumerate(req.messages):
         if m.role not in CHAT_ROLES:
             raise ApiError(400, f"messages.{i}.role={m.role!r} is not supported by this model; "
                                 f"use one of {sorted(CHAT_ROLES)}", f"messages.{i}.role")
-        messages.append({"role": CHAT_ROLES[m.role], "content": m.text})
+        if m.reasoning_content is not None:
+            raise ApiError(400, f"messages.{i}.reasoning_content: send back only the content of earlier "
+                                "replies; reasoning_content is not accepted in input messages",
+                           f"messages.{i}.reasoning_content")
+        if (m.role == "tool" or m.tool_calls) and tokenizer.tool_ids is None:
+            raise ApiError(400, f"messages.{i}: this model's tokenizer has no tool-call tokens",
+                           f"messages.{i}.role")
+        message = {"role": CHAT_ROLES[m.role], "content": m.text}
+        if m.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        messages.append(message)
     return messages
 
 
-def chat_prompt_ids(messages: list[dict], tokenizer) -> list[int]:
+def chat_tools(req: ChatCompletionRequest) -> list[dict] | None:
+    """The tool definitions the template renders (none under tool_choice "none")."""
+    return [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and req.tool_mode != "none" else None
+
+
+def chat_prompt_ids(messages: list[dict], tokenizer, tools: list[dict] | None = None) -> list[int]:
     """The template's ids; content is encoded as text (the template writes BOS itself)."""
     try:
-        return tokenizer.encode_chat(messages, add_generation_prompt=True)
+        return tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools)
     except ValueError as e:
         raise ApiError(400, f"messages: {e}", "messages") from None
 
@@ -91,19 +113,46 @@ def completion_prompt_ids(req: CompletionRequest, tokenizer) -> list[int]:
             + tokenizer.encode(req.suffix, split_special_tokens=True) + [fim[2]])
 
 
+def response_grammar(req: ChatCompletionRequest) -> tuple["StructuredOutputs | None", str]:
+    """The grammar response_format asks for, and the parameter to blame if it does not compile."""
+    from nanoseek.engine.structured import StructuredOutputs
+
+    rf = req.response_format
+    if rf is None or rf.type == "text":
+        return None, ""
+    if rf.type == "json_object":
+        return StructuredOutputs(json_object=True), "response_format"
+    schema = rf.json_schema.schema_
+    return StructuredOutputs(json=schema if schema is not None else {"type": "object"}), \
+        "response_format.json_schema.schema"
+
+
 async def build_job(state: ServeState, req: OpenAIRequest, cache_salt: str | None) -> Job:
-    """The request as a Job: prompt ids, checks, sampling params (ApiError on each refusal)."""
+    """The request as a Job: prompt ids, checks, grammar, sampling params (ApiError on each refusal)."""
     check_model(state, req.model)
     if state.tokenizer is None:  # a gateway: the backend reads the prompt
         from .gateway import forwarded_job
 
         return forwarded_job(state, req)
+    grammar = None
     if isinstance(req, ChatCompletionRequest):
         kind, prefix, prompt_param = "chat", "chatcmpl-", "messages"
-        messages = chat_messages(req)
+        messages = chat_messages(req, state.tokenizer)
         check_prompt_chars(state, [m["content"] for m in messages], req.max_tokens, prompt_param)
-        prompt_ids = await off_loop(state, chat_prompt_ids, messages, state.tokenizer)
+        prompt_ids = await off_loop(state, chat_prompt_ids, messages, state.tokenizer, chat_tools(req))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        grammar, grammar_param = response_grammar(req)
+        named = req.tool_choice.function.name if req.tool_mode == "named" else None
+        check_tools(req.tools, req.tool_mode, named, state.tokenizer, req.n)
+        if req.tools and req.tool_mode != "none":
+            if grammar is not None:
+                raise ApiError(400, "response_format: use it or tools, not both in one request", "response_format")
+            for param, spec in schema_params(req.tools):
+                await check_grammar(state, spec, param)
+            grammar, grammar_param = tool_grammar(req.tools, req.tool_mode, named, state.tokenizer,
+                                                         req.parallel_tool_calls), "tools"
+        if grammar is not None:
+            await check_grammar(state, grammar, grammar_param)
     else:
         kind, prefix, prompt_param = "completion", "cmpl-", "prompt"
         if req.echo:
@@ -118,7 +167,7 @@ async def build_job(state: ServeState, req: OpenAIRequest, cache_salt: str | Non
         top_k=-1 if not req.top_k or req.top_k < 0 else req.top_k,
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         max_tokens=default_max_tokens(state, len(prompt_ids), req.max_tokens), stop=req.stop_list,
-        seed=req.seed, logprobs=logprobs)
+        seed=req.seed, logprobs=logprobs, structured_outputs=grammar)
     await off_loop(state, check_request, state, prompt_ids, params, prompt_param)  # O(prompt) in Python
     return Job(new_id(prefix), kind, prompt_ids, params, cache_salt=cache_salt)
 
@@ -147,11 +196,32 @@ def completion_logprobs(tokenizer, ids: list[int], lps: list[dict[int, float]], 
     return out
 
 
+def uses_tools(req: OpenAIRequest) -> bool:
+    return isinstance(req, ChatCompletionRequest) and bool(req.tools) and req.tool_mode != "none"
+
+
+def assistant_message(state: ServeState, req: OpenAIRequest, job: Job, i: int) -> AssistantMessage:
+    if not uses_tools(req):
+        return AssistantMessage(content=job.texts[i])
+    content, calls, _ = parse_output(job.token_ids[i], state.tokenizer)
+    if not calls:
+        return AssistantMessage(content=job.texts[i])  # the engine's text: stop strings applied
+    return AssistantMessage(content=content or None, tool_calls=[
+        ResponseToolCall(id=new_call_id(), function=ResponseFunctionCall(name=n, arguments=a)) for n, a in calls])
+
+
+def chat_finish_reason(state: ServeState, req: OpenAIRequest, job: Job, i: int) -> str:
+    reason = finish_reason(job.finish[i])
+    if reason == "stop" and uses_tools(req) and parse_output(job.token_ids[i], state.tokenizer)[1]:
+        return "tool_calls"
+    return reason
+
+
 def whole_response(state: ServeState, req: OpenAIRequest, job: Job) -> ChatCompletion | Completion:
     tok = state.tokenizer
     if job.kind == "chat":
-        choices = [ChatChoice(index=i, message=AssistantMessage(content=job.texts[i]),
-                              finish_reason=finish_reason(job.finish[i]),
+        choices = [ChatChoice(index=i, message=assistant_message(state, req, job, i),
+                              finish_reason=chat_finish_reason(state, req, job, i),
                               logprobs=chat_logprobs(tok, job.token_ids[i], job.logprobs[i], req.top_logprobs or 0)
                               if req.logprobs else None) for i in range(job.n)]
         return ChatCompletion(id=job.id, model=state.model_name, choices=choices, usage=usage(job))
@@ -161,9 +231,43 @@ def whole_response(state: ServeState, req: OpenAIRequest, job: Job) -> ChatCompl
     return Completion(id=job.id, model=state.model_name, choices=choices, usage=usage(job))
 
 
-def stream_events(state: ServeState, req: OpenAIRequest, job: Job, update) -> list[str]:
+def tool_stream_events(state: ServeState, req: ChatCompletionRequest, job: Job, update,
+                       streams: list[ToolStream]) -> list[str]:
+    """With tools: text as content deltas, each call as delta.tool_calls (id, type and name first,
+    then pieces of its arguments)."""
+    events = []
+
+    def chunk(delta: Delta, reason=None, lp=None) -> str:
+        return sse(ChatCompletionChunk(id=job.id, model=state.model_name, choices=[
+            ChunkChoice(index=d.index, delta=delta, logprobs=lp, finish_reason=reason)]))
+
+    for d in update.deltas:
+        stream = streams[d.index]
+        k = stream.num_calls - 1
+        for kind, piece in stream.feed(d.token_ids):
+            if kind == "text":
+                events.append(chunk(Delta(content=piece)))
+            elif kind == "call":
+                k += 1
+                events.append(chunk(Delta(tool_calls=[DeltaToolCall(index=k, id=new_call_id(), type="function",
+                                                                    function=DeltaFunctionCall(name=piece, arguments=""))])))
+            else:
+                events.append(chunk(Delta(tool_calls=[DeltaToolCall(index=k, function=DeltaFunctionCall(arguments=piece))])))
+        lp = chat_logprobs(state.tokenizer, d.token_ids, d.logprobs, req.top_logprobs or 0) if req.logprobs else None
+        if d.finish_reason is not None or lp is not None:
+            reason = None if d.finish_reason is None else finish_reason(d.finish_reason)
+            if reason == "stop" and stream.num_calls:
+                reason = "tool_calls"
+            events.append(chunk(Delta(), reason, lp))
+    return events
+
+
+def stream_events(state: ServeState, req: OpenAIRequest, job: Job, update,
+                  tool_streams: list[ToolStream] | None = None) -> list[str]:
     """SSE events for one engine update: one chunk per output that has text or finished; each with
     the usage so far when the client asked for continuous_usage_stats (as a gateway does)."""
+    if tool_streams is not None:
+        return tool_stream_events(state, req, job, update, tool_streams)
     tok, events = state.tokenizer, []
     so_far = usage(job) if req.stream_options and req.stream_options.continuous_usage_stats else None
     for d in update.deltas:
@@ -255,11 +359,12 @@ def register_openai_routes(app: FastAPI, state: ServeState) -> None:
             if job.kind == "chat":  # the role comes first, as OpenAI sends it
                 yield sse(ChatCompletionChunk(id=job.id, model=state.model_name, choices=[
                     ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(job.n)]))
+            tool_streams = [ToolStream(state.tokenizer) for _ in range(job.n)] if uses_tools(req) else None
             async for update in generate(state, job, keepalive_s=state.config.keepalive_s):
                 if update is None:
                     yield SSE_KEEP_ALIVE
                     continue
-                for event in stream_events(state, req, job, update):
+                for event in stream_events(state, req, job, update, tool_streams):
                     yield event
             # settled before [DONE], so a client that reads its balance next sees the debit
             closed = True

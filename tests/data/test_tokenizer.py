@@ -80,8 +80,8 @@ def test_chat_template(tokenizer_dir):
     assert tok.apply_chat_template(msgs, add_generation_prompt=False).endswith("<|eos|>")
     ids = tok.encode(prompt)
     assert ids[:2] == [tok.bos_id, tok.token_to_id("<|system|>")] and ids[-1] == tok.token_to_id("<|assistant|>")
-    with pytest.raises(TokenizerError, match="unknown chat role tool"):
-        tok.apply_chat_template([{"role": "tool", "content": "x"}])
+    with pytest.raises(TokenizerError, match="unknown chat role function"):
+        tok.apply_chat_template([{"role": "function", "content": "x"}])
     with pytest.raises(TokenizerError, match=r"messages\[0\]"):
         tok.apply_chat_template([{"text": "x"}])
 
