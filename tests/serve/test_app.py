@@ -237,12 +237,12 @@ def test_errors_are_the_clients_own_exception_classes(live, funded):
     with pytest.raises(openai.BadRequestError) as e:
         chat(live.client(secret), max_tokens=250)
     assert e.value.param == "max_tokens" and "max_tokens=250" in e.value.message
-    # unknown parameters are ignored as OpenAI does; response_format is text only
+    # unknown parameters are ignored as OpenAI does; response_format types are OpenAI's
     ok = chat(live.client(secret), max_tokens=2, user="u-1", response_format={"type": "text"},
               extra_body={"no_such_parameter": 1})
     assert ok.usage.completion_tokens == 2
     with pytest.raises(openai.UnprocessableEntityError) as e:
-        chat(live.client(secret), response_format={"type": "json_object"})
+        chat(live.client(secret), response_format={"type": "xml"})
     assert e.value.param == "response_format.type"
     with pytest.raises(openai.NotFoundError):
         live.client(secret).chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
