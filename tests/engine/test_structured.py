@@ -73,7 +73,8 @@ def test_sample_never_draws_a_masked_token_and_the_grammar_outranks_min_tokens()
     mask[1, 1] = 1 << (33 - 32)  # row 1: only token 33, which min_tokens would ban as EOS
     params = [SamplingParams(temperature=1.0, max_tokens=4), SamplingParams(temperature=0, min_tokens=3)]
     for _ in range(5):
-        out = sample(torch.randn(2, V), params, [[1], [1]], [[], []], eos_token_ids=[33], token_bitmask=mask)
+        out = sample(torch.randn(2, V), params, [[1], [1]], [[], []], eos_token_ids=[33],
+                     allowed=unpack_bitmask(mask, V))
         assert out.token_ids.tolist() == [7, 33]
 
 

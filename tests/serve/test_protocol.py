@@ -33,13 +33,13 @@ def bad_param(model, body) -> tuple[str | None, str]:
 
 
 def test_chat_request_defaults_and_unknown_fields():
-    r = chat(tools=[{"type": "function"}], logit_bias={"1": 5}, stop="\n", stream=True,
+    r = chat(logit_bias={"1": 5}, stop="\n", stream=True,
              stream_options={"include_usage": True}, max_completion_tokens=7,
              messages=[{"role": "system", "content": "be brief"},
                        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])
     assert r.stop_list == ["\n"] and r.include_usage and r.max_tokens == 7 and r.n == 1
     assert [m.text for m in r.messages] == ["be brief", "ab"]
-    assert not hasattr(r, "tools")
+    assert r.tools is None and r.tool_mode == "none" and not hasattr(r, "logit_bias")
     assert chat(stream_options={"include_usage": True}).include_usage is False  # needs stream
 
 
@@ -54,7 +54,9 @@ def test_chat_request_defaults_and_unknown_fields():
     ("top_logprobs", 21, "top_logprobs"),
     ("stop", [""], "stop"),
     ("stop", ["x"] * 17, "stop"),
-    ("response_format", {"type": "json_object"}, "response_format.type"),
+    ("response_format", {"type": "xml"}, "response_format.type"),
+    ("tools", [{"type": "function"}], "tools.0.function"),
+    ("tool_choice", "sometimes", "tool_choice"),
     ("messages", [], "messages"),
     ("messages", [{"role": "wizard", "content": "x"}], "messages.0.role"),
     ("messages", [{"role": "user"}], "messages.0"),
