@@ -106,6 +106,9 @@ class Tokenizer:
         self.fim_prefix_id, self.fim_suffix_id, self.fim_middle_id = (
             self._first_id(FIM_NAMES[k]) for k in ("prefix", "suffix", "middle"))
         self.chat_template: str | None = self.config.get("chat_template")
+        spec = json.loads(tok.to_str())
+        self._byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
+        self._added_ids = {t["id"] for t in spec.get("added_tokens", [])}
 
     # ------------------------------------------------------------------ special tokens
     def _special_id(self, key: str, default: str) -> int | None:
@@ -182,6 +185,18 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self.tok.id_to_token(i)
+
+    def token_bytes(self, i: int) -> bytes:
+        """The raw bytes of one token: a byte-level BPE token may be half a UTF-8 character, which
+        decode() would turn into U+FFFD. Special (added) tokens are their text's UTF-8."""
+        piece = self.tok.id_to_token(i)
+        if piece is None:
+            return b""
+        if i in self._added_ids:
+            return piece.encode("utf-8")
+        if self._byte_level:
+            return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+        return self.decode([i]).encode("utf-8")  # not byte-level: a token is whole characters
 
     def token_to_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
@@ -280,6 +295,24 @@ def _string_leaves(obj, skip: tuple[str, ...] = (), path: str = ""):
 
 
 @functools.lru_cache(maxsize=8)
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as a printable character (the inverse is how a
+    byte-level token's text maps back to its bytes)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _byte_to_unicode().items()}
+
+
 def _compile_template(source: str):
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment

@@ -178,8 +178,8 @@ def chat_logprobs(tokenizer, ids: list[int], lps: list[dict[int, float]], top: i
     for tid, d in zip(ids, lps):
         tok = tokenizer.decode([tid])
         best = sorted(d.items(), key=lambda kv: -kv[1])[:top]
-        content.append(TokenLogprob(token=tok, logprob=d[tid], bytes=list(tok.encode()), top_logprobs=[
-            TopLogprob(token=(t := tokenizer.decode([i])), logprob=lp, bytes=list(t.encode())) for i, lp in best]))
+        content.append(TokenLogprob(token=tok, logprob=d[tid], bytes=list(tokenizer.token_bytes(tid)), top_logprobs=[
+            TopLogprob(token=tokenizer.decode([i]), logprob=lp, bytes=list(tokenizer.token_bytes(i))) for i, lp in best]))
     return ChoiceLogprobs(content=content)
 
 

@@ -189,3 +189,14 @@ def test_train_rejects_bad_vocab_and_empty_text(tmp_path):
     with pytest.raises(TokenizerError, match="no merges"):
         train_tokenizer([], 1000)
     assert not (tmp_path / "tokenizer.json").exists()
+
+
+def test_token_bytes_are_the_raw_bytes(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    text = "日本の首都は？ def f(x): return x ✓"
+    ids = tok.encode(text)
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+    # a byte-level token can be part of a character: decode() shows U+FFFD, token_bytes the byte itself
+    partial = [i for i in ids if "\ufffd" in tok.decode([i])]
+    assert partial and all(b"\xef\xbf\xbd" not in tok.token_bytes(i) for i in partial)
+    assert tok.token_bytes(tok.bos_id) == tok.bos_token.encode()

@@ -95,3 +95,12 @@ def test_bad_response_formats_are_refused_naming_the_parameter(live, client, fmt
     err = e.value.body
     assert err["param"] == param and words in err["message"], err
     assert live.state.limiter.in_flight == 0
+
+
+def test_logprob_bytes_are_the_raw_token_bytes(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+    for seed in range(3):
+        c = ask(client, seed, response_format=fmt, logprobs=True, top_logprobs=2).choices[0]
+        assert b"".join(bytes(t.bytes) for t in c.logprobs.content) == c.message.content.encode("utf-8")
+        assert all(len(t.top_logprobs) == 2 and all(x.bytes is not None for x in t.top_logprobs)
+                   for t in c.logprobs.content)
