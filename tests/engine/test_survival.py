@@ -29,7 +29,7 @@ class FailsOnToken(torch.nn.Module):
 
     def forward(self, input_ids, **kw):
         if input_ids.shape[-1] > 1 and (input_ids == POISON).any():  # prompts only: sampling may pick it
-            raise RuntimeError("simulated kernel failure")
+            raise RuntimeError("simulated kernel failure at 0xdeadbeef")  # an internal the server must not show
         return self.inner(input_ids, **kw)
 
     def compute_logits(self, hidden, indices=None):

@@ -11,29 +11,9 @@ from decimal import Decimal
 import httpx
 import openai
 import pytest
-import torch
 
+from tests.engine.test_survival import POISON, FailsOnToken  # raises 'simulated kernel failure at 0xdeadbeef'
 from tests.serve.test_app import MODEL, build_model_dir, chat, start_server, wait_until
-
-POISON = 77  # the token id the failing model cannot run
-
-
-class FailsOnToken(torch.nn.Module):
-    """The real model, raising whenever a prompt chunk holds POISON: a stand-in for a kernel or memory
-    error that hits one batch."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.inner = model
-        self.config = model.config
-
-    def forward(self, input_ids, **kw):
-        if input_ids.shape[-1] > 1 and (input_ids == POISON).any():  # prompts only: sampling may pick it
-            raise RuntimeError("simulated kernel failure at 0xdeadbeef")
-        return self.inner(input_ids, **kw)
-
-    def compute_logits(self, hidden, indices=None):
-        return self.inner.compute_logits(hidden, indices)
 
 
 @pytest.fixture(scope="module")
