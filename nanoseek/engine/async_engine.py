@@ -46,6 +46,7 @@ class OutputDelta:
     token_ids: list[int]
     logprobs: list[dict[int, float]] | None
     finish_reason: str | None
+    stop_reason: int | str | None = None   # the stop string or token id that finished it, if any
 
 
 @dataclass
@@ -251,7 +252,8 @@ class AsyncEngine:
                 continue
             new_ids = o.token_ids[start:]
             logprobs = None if o.logprobs is None else o.logprobs[start:]
-            deltas.append(OutputDelta(o.index, o.delta_text, new_ids, logprobs, o.finish_reason))
+            deltas.append(OutputDelta(o.index, o.delta_text, new_ids, logprobs, o.finish_reason,
+                                      o.stop_reason if o.finish_reason is not None else None))
             stream.sent[o.index] = -1 if o.finish_reason is not None else len(o.token_ids)
         if not deltas and not req.finished:
             return

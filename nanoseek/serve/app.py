@@ -4,11 +4,12 @@
     app = build_app(ServeConfig(model_dir="runs/default/model", db="sqlite:///runs/nanoseek.db"))
     uvicorn.run(app, host="127.0.0.1", port=8000)      # what `nanoseek serve` does
 
-Routes: POST /v1/chat/completions and /v1/completions (routes_openai.py, over the generation core
-in core.py; shared state and errors in state.py), GET /v1/models,
+Routes: POST /v1/chat/completions and /v1/completions (routes_openai.py) and Anthropic's
+/anthropic/v1/messages (routes_anthropic.py), siblings over the generation core in core.py
+(non-streamed replies in whole.py; shared state and errors in state.py), GET /v1/models,
 /v1/user/balance (also /user/balance, DeepSeek's path), /v1/pricing, /health, /metrics; the web
-console at / and its JSON under /v1/dashboard/ (routes_console.py). Every
-error answers in OpenAI's shape {"error": {"message", "type", "param", "code"}}.
+console at / and its JSON under /v1/dashboard/ (routes_console.py). Every error answers in
+OpenAI's shape {"error": {"message", "type", "param", "code"}}, but /anthropic's, in Anthropic's.
 
 While it runs the app keeps a lease on the accounts database (leases.py): at start, and every
 lease_ttl_s/3 after, it settles the holds of servers whose lease expired at their recorded usage,
@@ -30,6 +31,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .protocol import ModelCard, ModelList, UserBalance
+from .routes_anthropic import register_anthropic_routes
 from .routes_console import register_console_routes
 from .routes_openai import register_openai_routes
 from .state import DEFAULT_DB_URL, ServeConfig, ServeState, error_response
@@ -121,6 +123,8 @@ def create_app(state: ServeState, console: bool = True) -> FastAPI:
     app.get("/v1/user/balance")(balance)
     app.get("/user/balance")(balance)
     register_openai_routes(app, state)
+    if state.tokenizer is not None:  # not on a gateway: it forwards OpenAI bodies only
+        register_anthropic_routes(app, state)
     if console:
         register_console_routes(app, state)
     return app

@@ -78,6 +78,7 @@ class Job:
     token_ids: list[list[int]] = field(default_factory=list)
     logprobs: list[list[dict[int, float]]] = field(default_factory=list)
     finish: list[str | None] = field(default_factory=list)    # the engine's reason, per output
+    stopped_by: list[int | str | None] = field(default_factory=list)  # the stop string / token that ended it
     cached: int = 0               # prompt tokens served from the prefix/disk cache
     body: dict | None = None      # the validated request, as a remote backend receives it
     num_prompt: int | None = None  # prompt tokens when not len(prompt_ids): a remote backend's count
@@ -93,6 +94,7 @@ class Job:
         self.token_ids = [[] for _ in range(self.n)]
         self.logprobs = [[] for _ in range(self.n)]
         self.finish = [None] * self.n
+        self.stopped_by = [None] * self.n
 
     @property
     def n(self) -> int:
@@ -128,6 +130,7 @@ class Job:
                 self.logprobs[d.index] += d.logprobs
             if d.finish_reason is not None:
                 self.finish[d.index] = d.finish_reason
+                self.stopped_by[d.index] = d.stop_reason
         if self.first_token is None and self.output_tokens:
             self.first_token = time.monotonic()
 
@@ -137,17 +140,20 @@ def new_id(prefix: str) -> str:
 
 
 # ---------------------------------------------------------------------------- reading a request
-async def authenticate(state: ServeState, request: Request) -> "Key":
-    key = await state.authenticate(request)
+async def authenticate(state: ServeState, request: Request, headers: tuple[str, ...] = ("authorization",),
+                       no_key: str = NO_KEY) -> "Key":
+    key = await state.authenticate(request, headers)
     if key is None:
-        raise ApiError(401, NO_KEY)
+        raise ApiError(401, no_key)
     return key
 
 
-async def authenticate_generation(state: ServeState, request: Request) -> "Key":
-    """The caller's key, its request counted against its rate before any other work (401, 429);
-    a key with nothing to spend is refused here too (402), before its body is read."""
-    key = await authenticate(state, request)
+async def authenticate_generation(state: ServeState, request: Request, headers: tuple[str, ...] = ("authorization",),
+                                  no_key: str = NO_KEY) -> "Key":
+    """The caller's key (from the first of `headers` present), its request counted against its
+    rate before any other work (401, 429); a key with nothing to spend is refused here too (402),
+    before its body is read."""
+    key = await authenticate(state, request, headers, no_key)
     arrival = state.limiter.arrive(key.id)
     if not arrival.allowed:
         headers = {"Retry-After": arrival.retry_after_header} if arrival.retry_after_header else None
@@ -201,6 +207,14 @@ def parse_body(body: dict, schema: type[Body]) -> Body:
     except ValidationError as e:
         err = validation_error_body(e)["error"]
         raise ApiError(422, err["message"], err["param"]) from None
+
+
+def chat_prompt_ids(messages: list[dict], tokenizer, tools: list[dict] | None = None) -> list[int]:
+    """The template's ids; content is encoded as text (the template writes BOS itself)."""
+    try:
+        return tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools)
+    except ValueError as e:
+        raise ApiError(400, f"messages: {e}", "messages") from None
 
 
 def check_model(state: ServeState, model: str) -> None:

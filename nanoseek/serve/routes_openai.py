@@ -15,26 +15,26 @@ request id and no internals.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import weakref
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from .backends import BackendError
-from .core import (Job, admit, authenticate_generation, check_grammar, check_model, check_prompt_chars,
-                   check_request, close_job, default_max_tokens, generate, make_sampling_params, new_id, off_loop,
-                   parse_body, read_json, wait_for_disconnect)
+from .core import (Job, admit, authenticate_generation, chat_prompt_ids, check_grammar, check_model,
+                   check_prompt_chars, check_request, close_job, default_max_tokens, generate, make_sampling_params,
+                   new_id, off_loop, parse_body, read_json)
 from .protocol import (SSE_DONE, SSE_KEEP_ALIVE, AssistantMessage, ChatChoice, ChatCompletion,
                        ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs, ChunkChoice, Completion,
                        CompletionChoice, CompletionLogprobs, CompletionRequest, Delta, DeltaFunctionCall,
                        DeltaToolCall, ResponseFunctionCall, ResponseToolCall, TokenLogprob, TopLogprob, Usage,
                        error_for_status, sse)
-from .state import ApiError, ServeState, error_response
+from .state import ApiError, ServeState
 from .tools import ToolStream, check_tools, new_call_id, parse_output, schema_params, tool_grammar
+from .whole import engine_failure_message, whole_reply
 
 if TYPE_CHECKING:
     from nanoseek.engine.structured import StructuredOutputs
@@ -43,11 +43,6 @@ CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assist
               "tool": "tool"}
 OpenAIRequest = ChatCompletionRequest | CompletionRequest
 log = logging.getLogger("nanoseek.serve")
-
-
-def engine_failure_message(job: Job) -> str:
-    return (f"the server failed while generating this request (request id {job.id}); it was charged "
-            "only for tokens produced before the failure")
 
 
 def finish_reason(reason: str | None) -> str:
@@ -83,14 +78,6 @@ def chat_messages(req: ChatCompletionRequest, tokenizer) -> list[dict]:
 def chat_tools(req: ChatCompletionRequest) -> list[dict] | None:
     """The tool definitions the template renders (none under tool_choice "none")."""
     return [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and req.tool_mode != "none" else None
-
-
-def chat_prompt_ids(messages: list[dict], tokenizer, tools: list[dict] | None = None) -> list[int]:
-    """The template's ids; content is encoded as text (the template writes BOS itself)."""
-    try:
-        return tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools)
-    except ValueError as e:
-        raise ApiError(400, f"messages: {e}", "messages") from None
 
 
 def completion_prompt_ids(req: CompletionRequest, tokenizer) -> list[int]:
@@ -315,41 +302,8 @@ def register_openai_routes(app: FastAPI, state: ServeState) -> None:
         return await whole(request, req, job, route)
 
     async def whole(request: Request, req: OpenAIRequest, job: Job, route: str):
-        """Generate to the end, unless the client disconnects first: then the generation is
-        aborted and only what was produced is billed."""
-        from nanoseek.engine.llm import RequestFailed
-
-        async def run() -> None:
-            async for _ in generate(state, job):
-                pass
-
-        status = 200
-        gen = asyncio.ensure_future(run())
-        gone = asyncio.ensure_future(wait_for_disconnect(request))
-        try:
-            await asyncio.wait({gen, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not gen.done():  # the client left: stop generating for it
-                status = 499
-                gen.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await gen
-                return Response(status_code=499)
-            gen.result()
-        except ValueError as e:  # the engine refused it after all
-            status = 400
-            return error_response(400, str(e), getattr(e, "param", None), {"X-Request-Id": job.id})
-        except RequestFailed as e:
-            status = 500
-            log.error("request %s failed in the engine: %s", job.id, e.error)
-            return error_response(500, engine_failure_message(job), None, {"X-Request-Id": job.id})
-        except BackendError as e:  # nothing reached the client, so nothing is billed
-            status, job.num_output = e.status, 0
-            return error_response(e.status, e.message, None, {"X-Request-Id": job.id})
-        finally:
-            gone.cancel()
-            gen.cancel()
-            await close_job(state, job, route, status)
-        return JSONResponse(whole_response(state, req, job).model_dump(), headers={"X-Request-Id": job.id})
+        return await whole_reply(state, request, job, route, refuse=ApiError.response, reply=lambda job: JSONResponse(
+            whole_response(state, req, job).model_dump(), headers={"X-Request-Id": job.id}))
 
     async def stream(req: OpenAIRequest, job: Job, route: str):
         from nanoseek.engine.llm import RequestFailed

@@ -147,11 +147,12 @@ class ServeState:
         """The prefix-cache namespace of a key's requests: its account, unless all share one."""
         return None if self.config.shared_prefix_cache else f"key:{key.id}"
 
-    async def authenticate(self, request: Request) -> "Key | None":
-        """The caller's active key, or None (401). The limiter learns the key's own limits here
+    async def authenticate(self, request: Request, headers: tuple[str, ...] = ("authorization",)) -> "Key | None":
+        """The caller's active key, or None (401), from the first of `headers` the request has
+        (Anthropic's clients send `x-api-key`). The limiter learns the key's own limits here
         (key_settings; the server's flags where it has none), so a change made by an admin, the
         keys CLI or another replica applies from the key's next request."""
-        header = request.headers.get("authorization")
+        header = next((request.headers[h] for h in headers if h in request.headers), None)
 
         def find() -> "Key | None":
             key = self.accounts.authenticate(header)
