@@ -72,6 +72,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="write a request's usage so far onto its hold every K output tokens (default 32)")
     g.add_argument("--record-every-s", type=float, default=2.0, metavar="S",
                    help="... or every S seconds, whichever comes first (default 2)")
+    g.add_argument("--keepalive", type=float, default=5.0, metavar="S",
+                   help="streams: a keep-alive comment (Anthropic: ping) after S seconds without output (default 5)")
+    g.add_argument("--whole-keepalive", type=float, default=5.0, metavar="S",
+                   help="non-streamed requests not answered within S seconds get status 200 at once and a blank "
+                        "line every S seconds before their JSON, so proxies keep them open; an error found after "
+                        "that is sent as the JSON body (default 5; 0 = off)")
     g.add_argument("--stale-hold-age", type=float, default=None, help=argparse.SUPPRESS)  # deprecated
     g.add_argument("--max-body-bytes", type=int, default=None, metavar="N",
                    help="largest request body read (413 beyond; default 1 MiB + 32 bytes per context token)")
@@ -179,9 +185,11 @@ def _serve_config(args, model_dir: Path, name: str):
         print("warning: --stale-hold-age is deprecated and ignored: holds now belong to a server's lease "
               "and are settled once it expires (see --lease-ttl)", file=sys.stderr, flush=True)
     for flag, value in (("--lease-ttl", args.lease_ttl), ("--record-every-tokens", args.record_every_tokens),
-                        ("--record-every-s", args.record_every_s)):
+                        ("--record-every-s", args.record_every_s), ("--keepalive", args.keepalive)):
         if not value > 0:
             raise SystemExit(f"error: {flag}={value} must be > 0")
+    if not args.whole_keepalive >= 0:
+        raise SystemExit(f"error: --whole-keepalive={args.whole_keepalive} must be >= 0 (0 = off)")
 
     def lim(v):
         return v or None
@@ -194,6 +202,7 @@ def _serve_config(args, model_dir: Path, name: str):
                        tokens_per_minute=lim(args.tpm), max_concurrent=lim(args.max_concurrent),
                        max_queue=lim(args.max_queue), lease_ttl_s=args.lease_ttl,
                        record_every_tokens=args.record_every_tokens, record_every_s=args.record_every_s,
+                       keepalive_s=args.keepalive, whole_keepalive_s=args.whole_keepalive or None,
                        max_body_bytes=getattr(args, "max_body_bytes", None),
                        shared_prefix_cache=getattr(args, "shared_prefix_cache", False),
                        enforce_eager=getattr(args, "enforce_eager", True))

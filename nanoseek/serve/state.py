@@ -56,7 +56,8 @@ class ServeConfig:
     max_queue: int | None = 256
     # requests
     default_max_tokens: int = 512        # when a request names no max_tokens (bounds its hold)
-    keepalive_s: float = 5.0             # SSE comment while a streamed request waits
+    keepalive_s: float = 5.0             # SSE comment (Anthropic: ping) while a streamed request waits
+    whole_keepalive_s: float | None = 5.0  # blank lines while a non-streamed one waits (whole.py); None: off
     # billing across crashes: the lease other servers must see expire before settling our holds,
     # and how often a request's usage so far is written onto its hold (every K tokens or S seconds)
     lease_ttl_s: float = 30.0

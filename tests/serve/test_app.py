@@ -62,7 +62,9 @@ class LiveServer:
         assert not self.thread.is_alive(), "uvicorn did not stop"
 
 
-def start_server(model_dir: Path, db_url: str, sheet, **config) -> LiveServer:
+def start_server(model_dir: Path, db_url: str, sheet, engine: dict | None = None, wrap=None, **config) -> LiveServer:
+    """uvicorn on a free loopback port over a tiny engine; `engine` overrides LLMEngine's arguments,
+    `wrap` wraps the model (e.g. test_survival.FailsOnToken), `config` ServeConfig's fields."""
     import uvicorn
 
     from nanoseek.data.tokenizer import load_tokenizer
@@ -72,9 +74,10 @@ def start_server(model_dir: Path, db_url: str, sheet, **config) -> LiveServer:
     from nanoseek.serve.app import ServeConfig, ServeState, create_app
 
     cfg = ServeConfig(model_dir=str(model_dir), model_name=MODEL, db=db_url, keepalive_s=0.1, **config)
-    engine = LLMEngine(load_model(str(model_dir)), load_tokenizer(str(model_dir)), block_size=4,
-                       num_blocks=256, max_num_seqs=8, max_num_batched_tokens=256)
-    state = ServeState(engine, engine.tokenizer, Accounts(db_url), sheet, cfg)
+    model = load_model(str(model_dir))
+    llm = LLMEngine(model if wrap is None else wrap(model), load_tokenizer(str(model_dir)), **{
+        "block_size": 4, "num_blocks": 256, "max_num_seqs": 8, "max_num_batched_tokens": 256, **(engine or {})})
+    state = ServeState(llm, llm.tokenizer, Accounts(db_url), sheet, cfg)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))
