@@ -156,7 +156,7 @@ def whole_message(state: ServeState, req: MessagesRequest, job: Job) -> Message:
     content: list[TextBlock | ToolUseBlock] = []
     calls = []
     if uses_tools(req):
-        text, calls, _ = parse_output(job.token_ids[0], state.tokenizer)
+        text, calls, _ = parse_output(job.token_ids[0], state.tokenizer, req.stop_sequences or ())
     if calls:
         content += [TextBlock(text=text)] if text else []
         content += [ToolUseBlock(id=new_tool_use_id(), name=n, input=json.loads(a)) for n, a in calls]
@@ -222,7 +222,8 @@ def register_anthropic_routes(app: FastAPI, state: ServeState) -> None:
         from nanoseek.engine.llm import RequestFailed
 
         status, closed, started = 200, False, False
-        blocks, tools = Blocks(), ToolStream(state.tokenizer) if uses_tools(req) else None
+        blocks = Blocks()
+        tools = ToolStream(state.tokenizer, req.stop_sequences or ()) if uses_tools(req) else None
 
         def start() -> str:
             return event(MessageStart(message=Message(id=job.id, model=state.model_name, content=[],
@@ -237,7 +238,10 @@ def register_anthropic_routes(app: FastAPI, state: ServeState) -> None:
                     started = True
                     yield start()
                 for d in update.deltas:
-                    pieces = tools.feed(d.token_ids) if tools else [("text", d.text)] if d.text else []
+                    if tools:
+                        pieces = tools.feed(d.token_ids) + (tools.finish() if d.finish_reason is not None else [])
+                    else:  # the engine's text: stop sequences applied
+                        pieces = [("text", d.text)] if d.text else []
                     for kind, piece in pieces:
                         for e in blocks.add(kind, piece):
                             yield e

@@ -190,7 +190,7 @@ def uses_tools(req: OpenAIRequest) -> bool:
 def assistant_message(state: ServeState, req: OpenAIRequest, job: Job, i: int) -> AssistantMessage:
     if not uses_tools(req):
         return AssistantMessage(content=job.texts[i])
-    content, calls, _ = parse_output(job.token_ids[i], state.tokenizer)
+    content, calls, _ = parse_output(job.token_ids[i], state.tokenizer, req.stop_list)
     if not calls:
         return AssistantMessage(content=job.texts[i])  # the engine's text: stop strings applied
     return AssistantMessage(content=content or None, tool_calls=[
@@ -199,7 +199,7 @@ def assistant_message(state: ServeState, req: OpenAIRequest, job: Job, i: int) -
 
 def chat_finish_reason(state: ServeState, req: OpenAIRequest, job: Job, i: int) -> str:
     reason = finish_reason(job.finish[i])
-    if reason == "stop" and uses_tools(req) and parse_output(job.token_ids[i], state.tokenizer)[1]:
+    if reason == "stop" and uses_tools(req) and parse_output(job.token_ids[i], state.tokenizer, req.stop_list)[1]:
         return "tool_calls"
     return reason
 
@@ -231,7 +231,8 @@ def tool_stream_events(state: ServeState, req: ChatCompletionRequest, job: Job, 
     for d in update.deltas:
         stream = streams[d.index]
         k = stream.num_calls - 1
-        for kind, piece in stream.feed(d.token_ids):
+        pieces = stream.feed(d.token_ids) + (stream.finish() if d.finish_reason is not None else [])
+        for kind, piece in pieces:
             if kind == "text":
                 events.append(chunk(Delta(content=piece)))
             elif kind == "call":
@@ -313,7 +314,7 @@ def register_openai_routes(app: FastAPI, state: ServeState) -> None:
             if job.kind == "chat":  # the role comes first, as OpenAI sends it
                 yield sse(ChatCompletionChunk(id=job.id, model=state.model_name, choices=[
                     ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(job.n)]))
-            tool_streams = [ToolStream(state.tokenizer) for _ in range(job.n)] if uses_tools(req) else None
+            tool_streams = [ToolStream(state.tokenizer, req.stop_list) for _ in range(job.n)] if uses_tools(req) else None
             async for update in generate(state, job, keepalive_s=state.config.keepalive_s):
                 if update is None:
                     yield SSE_KEEP_ALIVE

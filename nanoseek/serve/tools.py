@@ -2,8 +2,9 @@
 
     grammar = tool_grammar(tools, "required", tokenizer.tool_ids)   # StructuredOutputs (lark) or None
     content, calls, complete = parse_output(token_ids, tokenizer)   # calls: [(name, arguments)]
-    stream = ToolStream(tokenizer)                                  # streaming: one per output
+    stream = ToolStream(tokenizer, stop=["\n\n"])                   # streaming: one per output
     for piece in stream.feed(token_ids): ...                        # ("text", s) | ("call", name) | ("args", s)
+    for piece in stream.finish(): ...                               # text held back for the stop strings
 
 What the model writes (nanoseek.data.tokenizer.TOOL_TOKENS; DeepSeek-V3's names work too):
     text <|tool_calls_begin|> (<|tool_call_begin|> NAME <|tool_sep|> JSON <|tool_call_end|>)+ <|tool_calls_end|>
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .state import ApiError
 
@@ -89,16 +90,41 @@ def schema_params(tools: list["Tool"]) -> Iterable[tuple[str, "StructuredOutputs
 # ---------------------------------------------------------------------------- reading the output
 class ToolStream:
     """Turns one output's token ids, as they come, into pieces: ("text", s), ("call", name) when a
-    call's name is complete, ("args", s) for argument text. Text never splits a UTF-8 character."""
+    call's name is complete, ("args", s) for argument text. Text never splits a UTF-8 character.
 
-    def __init__(self, tokenizer):
+    With stop strings, text is cut where the first one begins (as the engine cuts its own text),
+    and text that could be the start of one is held back until it cannot: call finish() when the
+    output ends to release what is still held."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
         self.tok = tokenizer
         ids = tokenizer.tool_ids or {}
         self.part_of = {i: part for part, i in ids.items()}
         self.mode = "text"           # text | calls | name | args | done
         self.name_ids: list[int] = []
         self.num_calls = 0
+        self.stop = [x for x in stop if x]
+        self._hold = max((len(x) for x in self.stop), default=1) - 1
+        self._pending = ""           # text not yet released: it may begin a stop string
         self._step = tokenizer.stream_decoder(skip_special_tokens=True)
+
+    def _text(self, s: str, out: list[tuple[str, str]]) -> None:
+        self._pending += s
+        hits = [i for i in (self._pending.find(x) for x in self.stop) if i >= 0]
+        if hits:  # the engine stops here too: nothing after the stop string is the reply
+            out += [("text", self._pending[:min(hits)])] if min(hits) else []
+            self._pending, self.mode = "", "done"
+            return
+        cut = len(self._pending) - self._hold
+        if cut > 0:
+            out.append(("text", self._pending[:cut]))
+            self._pending = self._pending[cut:]
+
+    def finish(self) -> list[tuple[str, str]]:
+        """The text still held back (the output ended without completing a stop string)."""
+        out = [("text", self._pending)] if self._pending else []
+        self._pending = ""
+        return out
 
     def feed(self, token_ids: Iterable[int]) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
@@ -109,10 +135,13 @@ class ToolStream:
                     self.name_ids.append(t)
                 elif self.mode in ("text", "args"):
                     s = self._step(t)
-                    if s:
+                    if s and self.mode == "text":
+                        self._text(s, out)
+                    elif s:
                         out.append((self.mode, s))
                 continue
             if part == "calls_begin" and self.mode == "text":
+                out += self.finish()
                 self.mode = "calls"
             elif part == "call_begin" and self.mode == "calls":
                 self.mode, self.name_ids = "name", []
@@ -128,11 +157,12 @@ class ToolStream:
         return out
 
 
-def parse_output(token_ids: list[int], tokenizer) -> tuple[str, list[tuple[str, str]], bool]:
-    """(content, [(name, arguments)], complete): complete is False when the calls were cut short."""
-    stream = ToolStream(tokenizer)
+def parse_output(token_ids: list[int], tokenizer, stop: Sequence[str] = ()) -> tuple[str, list[tuple[str, str]], bool]:
+    """(content, [(name, arguments)], complete): complete is False when the calls were cut short;
+    content ends before the first stop string."""
+    stream = ToolStream(tokenizer, stop)
     content, calls = [], []
-    for kind, s in stream.feed(token_ids):
+    for kind, s in stream.feed(token_ids) + stream.finish():
         if kind == "text":
             content.append(s)
         elif kind == "call":

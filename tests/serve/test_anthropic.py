@@ -207,3 +207,23 @@ def test_billing_equals_the_chat_endpoints_for_the_same_tokens(live):
     assert rb.amount > 0
     spent_a, spent_b = Decimal("5") - accounts.get_key(a.id).balance, Decimal("5") - accounts.get_key(b.id).balance
     assert spent_a == spent_b == rb.amount and accounts.get_key(b.id).held == 0
+
+
+def test_stop_sequences_with_tools_cut_the_streamed_text_as_the_reply(client):
+    for content in ("hello", "what now", "tell me", "go on", "stack"):  # greedy: a prompt that answers in text
+        free = ask(client, content, max_tokens=30, tools=TOOLS)
+        if free.stop_reason == "max_tokens" and [b.type for b in free.content] == ["text"] \
+                and free.content[0].text[6:9].strip():
+            break
+    else:
+        pytest.fail("no prompt gave a text reply under tool_choice auto")
+    text = free.content[0].text
+    stop = text[6:9]
+    whole = ask(client, content, max_tokens=30, tools=TOOLS, stop_sequences=[stop])
+    assert whole.stop_reason == "stop_sequence" and whole.stop_sequence == stop
+    assert whole.content[0].text == text[:text.index(stop)]
+    with client.messages.stream(model=MODEL, max_tokens=30, **sampling(), tools=TOOLS, stop_sequences=[stop],
+                                messages=[{"role": "user", "content": content}]) as s:
+        streamed = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert streamed == whole.content[0].text and final.stop_reason == "stop_sequence" and final.stop_sequence == stop

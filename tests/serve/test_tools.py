@@ -150,3 +150,23 @@ def test_bad_tool_requests_name_the_parameter(client, live, kw, param):
         client.chat.completions.create(**args)
     assert e.value.body["param"] == param, e.value.body
     assert live.state.limiter.in_flight == 0
+
+
+def test_stop_strings_with_tools_cut_streamed_text_as_they_cut_the_reply(client):
+    # a seed whose reply under tool_choice auto is text (the random model rarely opens a call)
+    for seed in range(20):
+        free = ask(client, seed, max_tokens=40).choices[0]
+        text = free.message.content or ""
+        if not free.message.tool_calls and len(text) >= 12 and text[6:9].strip():
+            break
+    else:
+        pytest.fail("no seed gave a text reply under tool_choice auto")
+    stop = text[6:9]
+    whole = ask(client, seed, max_tokens=40, stop=["\x00never", stop]).choices[0]
+    assert whole.finish_reason == "stop" and whole.message.content == text[:text.index(stop)]
+    chunks = [c for c in ask(client, seed, max_tokens=40, stop=["\x00never", stop], stream=True) if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.message.content
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    # no stop string: text held back for none, the whole text streams
+    chunks = [c for c in ask(client, seed, max_tokens=40, stream=True) if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
