@@ -104,8 +104,9 @@ def _status(key: str) -> int:
     return 0
 
 
-def measure(ckpt: Path, scheme: str, group_size: int, prompt: int, decode: int) -> dict:
-    """Runs in its own process (python bench/scale.py --child ...): one scheme, fresh memory."""
+def measure(ckpt: Path, scheme: str, group_size: int, prompt: int, decode: int, bw: float) -> dict:
+    """Runs in its own process (python bench/scale.py --child ...): one scheme, fresh memory. bw: the
+    read bandwidth the parent measured (bytes/s), so its probe tensor is not in this process's peak."""
     from nanoseek.model.checkpoint import load_model
     from nanoseek.model.quant import QuantWeight
     from nanoseek.model.transformer import DenseCache
@@ -122,6 +123,7 @@ def measure(ckpt: Path, scheme: str, group_size: int, prompt: int, decode: int) 
     t = time.perf_counter()
     model = load_model(ckpt, dtype=torch.bfloat16, quantization=scheme, group_size=group_size)
     load_s = time.perf_counter() - t
+    loaded_anon = _status("RssAnon")
     cfg = model.config
     # bytes read per decoded token (B=1): everything but the routed experts, plus K of E of them
     per_tok = 0
@@ -131,9 +133,9 @@ def measure(ckpt: Path, scheme: str, group_size: int, prompt: int, decode: int) 
             per_tok += b * cfg.num_experts_per_tok // cfg.n_routed_experts if ".experts." in name + "." else b
     per_tok += sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                    if "embed_tokens" not in n)
-    bw = read_bandwidth()
     g = torch.Generator().manual_seed(1)
-    out = {"scheme": scheme, "group_size": group_size if scheme == "int4" else None, "load_s": load_s}
+    out = {"scheme": scheme, "group_size": group_size if scheme == "int4" else None, "load_s": load_s,
+           "loaded_anon_gb": loaded_anon / 1e9, "load_avg_start": os.getloadavg()[0]}
     with torch.inference_mode():
         cache = DenseCache(cfg, 1, prompt + decode + 1, dtype=torch.bfloat16)
         ids = torch.randint(2, cfg.vocab_size, (1, prompt), generator=g)
@@ -151,6 +153,7 @@ def measure(ckpt: Path, scheme: str, group_size: int, prompt: int, decode: int) 
             out[f"decode_b{B}_tok_s"] = B * decode / (time.perf_counter() - t)
     done.append(1)
     th.join()
+    out["load_avg_end"] = os.getloadavg()[0]
     out.update(peak_rss_gb=_status("VmHWM") / 1e9, peak_anon_gb=max(peak_anon[0], _status("RssAnon")) / 1e9,
                bytes_per_token_gb=per_tok / 1e9, bandwidth_gb_s=bw / 1e9, limit_tok_s=bw / per_tok)
     out["of_limit"] = out["decode_b1_tok_s"] / out["limit_tok_s"]
@@ -174,11 +177,14 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=16)
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--bandwidth", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(measure(Path(args.ckpt), args.child, args.group_size, args.prompt, args.decode)))
+        bw = args.bandwidth or read_bandwidth()
+        print(json.dumps(measure(Path(args.ckpt), args.child, args.group_size, args.prompt, args.decode, bw)))
         return
     ckpt = write_checkpoint(Path(args.ckpt), Path(args.config))
+    bw = read_bandwidth()  # here, not in the children: its 1 GB probe would count in their peak RSS
     rows = []
     size_gib = json.loads((ckpt / "model.safetensors.index.json").read_text())["metadata"]["total_size"] / 2**30
     for scheme in args.schemes.split(","):
@@ -188,7 +194,8 @@ def main() -> None:
                   f"machine is quieter", flush=True)
             continue
         r = subprocess.run([sys.executable, __file__, "--child", scheme, "--ckpt", str(ckpt), "--group-size",
-                            str(args.group_size), "--prompt", str(args.prompt), "--decode", str(args.decode)],
+                            str(args.group_size), "--prompt", str(args.prompt), "--decode", str(args.decode),
+                            "--bandwidth", str(bw)],
                            capture_output=True, text=True)
         if r.returncode:
             print(f"{scheme}: failed\n{r.stderr[-3000:]}", flush=True)
@@ -197,12 +204,12 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     print(f"# {Path(args.config).name} shape, random bf16 weights ({ckpt}); host {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
-    print(f"| scheme | load s | peak RSS GB (anon) | prefill tok/s @{args.prompt} | decode B=1 | decode B=4 (total) "
+    print(f"| scheme | load s | RSS after load GB (anon) | peak RSS GB (anon) | prefill tok/s @{args.prompt} | decode B=1 | decode B=4 (total) "
           "| GB read / token | read GB/s | limit tok/s | B=1 of limit |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['scheme']}{'' if r['group_size'] is None else ' g' + str(r['group_size'])} | {r['load_s']:.0f} "
-              f"| {r['peak_rss_gb']:.1f} ({r['peak_anon_gb']:.1f}) | {r['prefill_tok_s']:.1f} "
+              f"| {r['loaded_anon_gb']:.1f} | {r['peak_rss_gb']:.1f} ({r['peak_anon_gb']:.1f}) | {r['prefill_tok_s']:.1f} "
               f"| {r['decode_b1_tok_s']:.2f} | {r['decode_b4_tok_s']:.2f} | {r['bytes_per_token_gb']:.2f} "
               f"| {r['bandwidth_gb_s']:.1f} | {r['limit_tok_s']:.2f} | {r['of_limit']:.0%} |")
     if args.json:

@@ -214,7 +214,12 @@ class QuantWeight(nn.Module):
             self.zero[index] = zero
 
     def quantize_into(self, index: tuple, w: torch.Tensor) -> None:
-        """Quantise float rows w and store them at index."""
+        """Quantise float rows w and store them at index; a whole 2-D weight goes _ROW_CHUNK rows at a
+        time, so a [102400, 2048] lm_head never has its int8 values (or their int16 packing) whole."""
+        if index == () and w.dim() == 2 and w.shape[0] > _ROW_CHUNK:
+            for i in range(0, w.shape[0], _ROW_CHUNK):
+                self.store((slice(i, i + _ROW_CHUNK),), *quantize(w[i:i + _ROW_CHUNK], self.scheme))
+            return
         self.store(index, *quantize(w, self.scheme))
 
     # -------------------------------------------------------------- views
@@ -267,11 +272,14 @@ class QuantWeight(nn.Module):
         K, G = self.shape[-1], self.scale.shape[-1]
         lead = self.shape[:-2]
         q_all, sc, zr = self.qdata.reshape(-1, *self.qdata.shape[-2:]), self.scale, self.zero
-        tiled = torch.empty_like(q_all)
+        # in place, a block-aligned run of rows at a time: tiled rows [r, r + n) depend only on plain
+        # rows [r, r + n) (the layout is [N/B, K, B/2]), and the int32 input the op wants is 8 bytes
+        # per weight, so whole-weight temporaries would be 16x the weight (1.7 GB for V2-Lite's lm_head)
+        rows = max(_cpu_int4_block(), _ROW_CHUNK // _cpu_int4_block() * _cpu_int4_block())
         for i in range(q_all.shape[0]):
-            tiled[i] = _to_cpu_int4(unpack_int4(q_all[i]))
+            for r in range(0, q_all.shape[1], rows):
+                q_all[i, r:r + rows] = _to_cpu_int4(unpack_int4(q_all[i, r:r + rows]))
         sz = torch.stack([sc, torch.zeros_like(sc) if zr is None else -zr.to(sc.dtype) * sc], dim=-1)  # [.., N, G, 2]
-        self.qdata = tiled.reshape(self.qdata.shape)
         del self.scale, self.zero
         self.register_buffer("scales_and_zeros", sz.transpose(-2, -3).contiguous())  # [.., G, N, 2]
         self.layout = "cpu_int4"

@@ -67,6 +67,29 @@ def test_int4_packing_round_trips():
 
 
 @pytest.mark.parametrize("scheme,kw", SCHEMES, ids=IDS)
+def test_big_weights_are_quantised_and_tiled_in_row_chunks_without_changing_them(monkeypatch, scheme, kw):
+    """A weight with more rows than _ROW_CHUNK is quantised and switched to the kernel layout a block of
+    rows at a time (bounded temporaries); the result is the whole-weight computation's, bit for bit."""
+    from nanoseek.model import quant
+
+    N, K = 512, 64
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(0))
+    s = QuantScheme.parse(scheme, group_size=32, **kw)
+    whole = QuantWeight((N, K), s, torch.bfloat16)
+    whole.quantize_into((), w)  # N <= _ROW_CHUNK: one piece
+    monkeypatch.setattr(quant, "_ROW_CHUNK", 96)  # not a multiple of the kernel's row block
+    chunked = QuantWeight((N, K), s, torch.bfloat16)
+    chunked.quantize_into((), w)
+    assert torch.equal(chunked.qdata, whole.qdata) and torch.equal(chunked.scale, whole.scale)
+    if s.bits == 4 and quant.has_cpu_int4_kernel(torch.device("cpu"), torch.bfloat16, (N, K), 32):
+        expected = quant._to_cpu_int4(unpack_int4(whole.qdata))  # the whole weight in one call
+        chunked.to_kernel_layout()
+        assert chunked.layout == "cpu_int4" and torch.equal(chunked.qdata, expected)
+        monkeypatch.setattr(quant, "_ROW_CHUNK", 4096)
+        assert torch.equal(chunked.dequantize(torch.float32), whole.dequantize(torch.float32))
+
+
+@pytest.mark.parametrize("scheme,kw", SCHEMES, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_match_the_dequantised_reference(scheme, kw, dtype):
     s = QuantScheme.parse(scheme, group_size=32, **kw)
