@@ -66,20 +66,16 @@ class PagedKVCache:
             raise ValueError(f"max_seq_len={S} is below the longest row ({max(lens)} keys)")
         nb = -(-S // bs)
         B = len(rows) if num_rows is None else num_rows
-        tables = torch.zeros(B, nb, dtype=torch.long)
-        tables[len(rows):] = self.num_blocks  # padding rows see only the padding block
-        slots = torch.full((B, num_new), self.pad_slot, dtype=torch.long)
-        seq_lens = torch.full((B,), num_new, dtype=torch.long)
-        for i, (table, start) in enumerate(rows):
-            t = torch.tensor(table[:nb], dtype=torch.long)
-            tables[i, : len(t)] = t
-            p = torch.arange(start, start + num_new)
-            slots[i] = t[p // bs] * bs + p % bs
-            seq_lens[i] = lens[i]
+        pad = B - len(rows)
+        # built as host lists, one tensor each: a handful of ops per step whatever B is
+        tables = [list(t[:nb]) + [0] * max(0, nb - len(t)) for t, _ in rows] + [[self.num_blocks] * nb] * pad
+        slots = [table[p // bs] * bs + p % bs for table, start in rows for p in range(start, start + num_new)]
+        slots += [self.pad_slot] * (pad * num_new)
         dev = self.device
-        return AttentionMetadata(backend, seq_lens.to(dev), S, num_new, slot_mapping=slots.reshape(-1).to(dev),
-                                 block_tables=tables.to(dev), keys_are_new=all(s == 0 for _, s in rows),
-                                 absorb=absorb)
+        return AttentionMetadata(backend, torch.tensor(lens + [num_new] * pad, device=dev), S, num_new,
+                                 slot_mapping=torch.tensor(slots, device=dev),
+                                 block_tables=torch.tensor(tables, device=dev),
+                                 keys_are_new=all(s == 0 for _, s in rows), absorb=absorb)
 
     # ---------------------------------------------------------------- whole blocks (disk cache)
     def read_block(self, block_id: int) -> torch.Tensor:

@@ -87,6 +87,8 @@ class ModelRunner:
         input_ids = torch.tensor(ids, device=self.device).view(len(items), T)  # [B, T]
         ends = [T - 1] if packed else rows or [0]
         hidden = self.model(input_ids, attn_metadata=meta)  # [B, T, C]
+        if T == 1 and len(rows) == len(items):  # every row samples (a plain decode step)
+            return self.model.compute_logits(hidden[:, 0]), [s.seq for s in items]  # [B, V]
         logits = self.model.compute_logits(hidden, torch.tensor(ends, device=self.device))  # [n, V]
         return logits, [items[i].seq for i in rows]
 

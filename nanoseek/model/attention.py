@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model import fast
 from nanoseek.model.backend import NO_CACHE, AttentionMetadata, NoCache
 from nanoseek.model.linear import Linear
-from nanoseek.model.rope import apply_rope
+from nanoseek.model.rope import apply_rope, apply_rope_complex, complex_view_ok, rope_cis
 
 
 @dataclass
@@ -34,10 +35,20 @@ class AttnInputs:
     cos: torch.Tensor  # [B, T, R/2]
     sin: torch.Tensor  # [B, T, R/2]
     meta: AttentionMetadata | None = None  # where keys are stored and read; None: no cache (training)
+    _cis: torch.Tensor | None = None  # cos + i sin, built at the first fast rope of the forward
 
     @property
     def step(self) -> AttentionMetadata | _NoCacheStep:
         return self.meta if self.meta is not None else _NO_CACHE_STEP
+
+    def rope(self, x: torch.Tensor, interleaved: bool) -> torch.Tensor:
+        """apply_rope(x, cos, sin, interleaved); interleaved fp32 inference takes one complex multiply
+        (apply_rope_complex) instead of a dozen ops."""
+        if interleaved and fast.enabled() and complex_view_ok(x):
+            if self._cis is None:
+                self._cis = rope_cis(self.cos, self.sin)
+            return apply_rope_complex(x, self._cis)
+        return apply_rope(x, self.cos, self.sin, interleaved)
 
 
 @dataclass
@@ -60,6 +71,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32 and fast.enabled():
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused op
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * y.to(x.dtype)
 
@@ -101,20 +114,27 @@ class MLA(nn.Module):
     def latent(self, x: torch.Tensor, a: AttnInputs) -> torch.Tensor:
         """The cached vector of each new token: [c_kv | roped k_pe], [B, T, L+R]."""
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.L, self.R], dim=-1)
-        k_pe = apply_rope(k_pe, a.cos, a.sin, self.cfg.rope_is_interleaved)
+        k_pe = a.rope(k_pe, self.cfg.rope_is_interleaved)
         return torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)
 
     def forward(self, x: torch.Tensor, a: AttnInputs, layer_idx: int) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.query(x).view(B, T, self.n_heads, self.Dn + self.R)
         q_nope, q_pe = q.split([self.Dn, self.R], dim=-1)
-        q_pe = apply_rope(q_pe, a.cos, a.sin, self.cfg.rope_is_interleaved)
+        q_pe = a.rope(q_pe, self.cfg.rope_is_interleaved)
         latent = self.latent(x, a)  # [B, T, L+R]
         meta = a.step
         backend = meta.backend
         backend.store(layer_idx, latent, meta)
         if meta.absorb:
             w_uk, w_uv = self.absorbed_weights()
+            if fast.enabled():  # the einsums below as two bmm over heads, without einsum's permutes
+                N, H, L = B * T, self.n_heads, self.L
+                q_lat = torch.bmm(q_nope.reshape(N, H, self.Dn).transpose(0, 1), w_uk)  # [H, N, L]
+                q = torch.cat([q_lat.transpose(0, 1), q_pe.reshape(N, H, self.R)], dim=-1).view(B, T, H, -1)
+                o_lat = backend.latent_attention(layer_idx, q, latent, meta, self.scale, L)  # [B, T, H, L]
+                out = torch.bmm(o_lat.reshape(N, H, L).transpose(0, 1), w_uv.transpose(1, 2))  # [H, N, Dv]
+                return self.o_proj(out.transpose(0, 1).reshape(B, T, H * self.Dv))
             q_lat = torch.einsum("bthd,hdl->bthl", q_nope, w_uk)  # [B, T, H, L]
             o_lat = backend.latent_attention(layer_idx, torch.cat([q_lat, q_pe], dim=-1), latent, meta,
                                              self.scale, self.L)  # [B, T, H, L]
@@ -163,8 +183,8 @@ class GQA(nn.Module):
         B, T, _ = x.shape
         H, G, D = self.H, self.G, self.D
         inter = self.cfg.rope_is_interleaved
-        q = apply_rope(self.q_proj(x).view(B, T, H, D), a.cos, a.sin, inter)
-        k = apply_rope(self.k_proj(x).view(B, T, G, D), a.cos, a.sin, inter)
+        q = a.rope(self.q_proj(x).view(B, T, H, D), inter)
+        k = a.rope(self.k_proj(x).view(B, T, G, D), inter)
         v = self.v_proj(x).view(B, T, G, D)
         new = torch.cat([k.flatten(2), v.flatten(2)], dim=-1)  # [B, T, 2GD]
         meta = a.step

@@ -18,7 +18,7 @@ Notation: B rows, T new tokens per row, S keys per row, H heads, D cached width 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -55,6 +55,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None  # [B, max_blocks] long: each row's blocks (paged caches)
     keys_are_new: bool = False  # nothing cached before: each row attends causally over its T new tokens
     absorb: bool = False  # MLA: attend over the latent (few queries) instead of decoding K/V per head
+    # what a backend derives from the fields above once per step and every layer reuses (e.g. the
+    # padding bias of the CPU decode backend); keyed by the backend, never read by the model
+    per_step: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def kind(self) -> str:

@@ -93,6 +93,8 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     if 0 < rows <= MAX_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled():
         name = _CHOICES.get((kind, row_class(rows), out_f, in_f))
     fn = kernels[name] if name is not None else next(iter(kernels.values()))
+    if x.dim() == 2:
+        return fn(x, weight, bias)  # [rows, out]
     y = fn(x.reshape(-1, in_f), weight, bias)  # [rows, out]
     return y.reshape(*x.shape[:-1], out_f)
 
@@ -165,25 +167,95 @@ def model_weights(model: nn.Module) -> dict[tuple[str, int, int], object]:
     return found
 
 
-def tune(model: nn.Module, max_rows: int = MAX_ROWS, timer: Callable = time_kernel,
-         use_cache: bool = True) -> list[dict]:
+PREFILL_ROWS = 256  # the rows a layout change must not slow down (prefill chunks)
+LAYOUT_GAIN = 0.95  # column-major only where it is at least 5% faster on the decode rows
+
+
+def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """t [..., out, in] stored "row"-major (as loaded) or "col"-major (each matrix's transpose
+    contiguous): the same values, another memory order. F.linear on a column-major W multiplies by
+    a contiguous W^T, which BLAS streams differently: faster for few rows on some hosts."""
+    if layout == "col":
+        return t if layout_of(t) == "col" else t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return t.contiguous()
+
+
+def layout_of(t: torch.Tensor) -> str:
+    return "col" if t.dim() >= 2 and t.shape[-2] > 1 and t.stride(-2) == 1 else "row"
+
+
+def layout_targets(model: nn.Module):
+    """(module, attribute, matrix shape) of every dense projection weight a layout applies to: Linear
+    weights and stacked experts (modules listing `stacked_weight_names`, 3-D [E, out, in])."""
+    for m in model.modules():
+        names = ["weight"] if isinstance(m, nn.Linear) else list(getattr(m, "stacked_weight_names", ()))
+        for name in names:
+            t = getattr(m, name, None)
+            if isinstance(t, torch.Tensor) and t.dim() in (2, 3) and not t.is_meta:
+                yield m, name, tuple(t.shape[-2:])
+
+
+def apply_layouts(model: nn.Module, layouts: dict[tuple[int, int], str]) -> None:
+    """Lay out every dense projection weight of shape (out, in) as layouts[(out, in)] (in place)."""
+    with torch.no_grad():
+        for m, name, shape in layout_targets(model):
+            layout = layouts.get(shape)
+            p = getattr(m, name)
+            if layout is not None and layout_of(p if p.dim() == 2 else p[0]) != layout:
+                p.data = to_layout(p.data, layout)
+
+
+def _choose_layout(w: torch.Tensor, out_f: int, in_f: int, classes, timer, cached: dict) -> tuple[dict, bool]:
+    """Time F.linear with w row- and column-major on the decode rows classes and PREFILL_ROWS rows:
+    "col" where it wins the decode rows by LAYOUT_GAIN without losing prefill. (entry, measured)."""
+    key = f"dense-layout|{out_f}|{in_f}|{','.join(map(str, classes))}"
+    if key in cached:
+        return cached[key], False
+    ref = KERNELS["dense"]["F.linear"]
+    ws = {lay: to_layout(w, lay) for lay in ("row", "col")}
+    us: dict[str, float] = {}
+    for rows in (*classes, PREFILL_ROWS):
+        x2 = torch.randn(rows, in_f).to(w.dtype)
+        for lay in ws:
+            us[f"{lay}@{rows}"] = min(timer(ref, x2, ws[lay]) for _ in range(ROUNDS)) * 1e6
+    decode = {lay: sum(us[f"{lay}@{r}"] for r in classes) for lay in ws}
+    col = (decode["col"] < LAYOUT_GAIN * decode["row"]
+           and us[f"col@{PREFILL_ROWS}"] <= us[f"row@{PREFILL_ROWS}"] / LAYOUT_GAIN)
+    return {"layout": "col" if col else "row", "us": us}, True
+
+
+def tune(model: nn.Module, max_rows: int = MAX_ROWS, timer: Callable | None = None,
+         use_cache: bool = True, layouts: bool = True) -> list[dict]:
     """Time every kernel of every weight kind on the model's shapes for each rows class up to
     max_rows, install the fastest in the dispatch table, and return one report row per choice.
+    Dense weights are first laid out row- or column-major, whichever F.linear runs faster on the
+    decode rows (without slowing PREFILL_ROWS rows); the model's weights are changed in place.
 
     Choices already cached for this host are reused (use_cache=False re-measures). `timer` is
-    fn(kernel, x2, weight) -> seconds (tests inject timings through it)."""
+    fn(kernel, x2, weight) -> seconds (tests inject timings through it; default time_kernel)."""
+    timer = timer or time_kernel
     cached = load_host_cache() if use_cache else {}
     report, fresh = [], False
+    classes = ROW_CLASSES[: ROW_CLASSES.index(row_class(max(1, max_rows))) + 1]
+    chosen_layouts: dict[tuple[int, int], str] = {}
     for (kind, out_f, in_f), w in model_weights(model).items():
         kernels = KERNELS[kind]
         if isinstance(w, torch.Tensor) and w.is_meta:  # shapes only (`nanoseek info --kernels`)
             w = torch.randn(w.shape, dtype=w.dtype)
         if len(kernels) < 2 or getattr(w, "device", torch.device("cpu")).type != "cpu":
             continue
-        for rc in ROW_CLASSES[: ROW_CLASSES.index(row_class(max(1, max_rows))) + 1]:
-            key = f"{kind}|{rc}|{out_f}|{in_f}"
+        layout, suffix = "row", ""
+        if kind == "dense" and layouts:
+            entry, measured = _choose_layout(w, out_f, in_f, classes, timer, cached)
+            cached[f"dense-layout|{out_f}|{in_f}|{','.join(map(str, classes))}"] = entry
+            fresh |= measured
+            layout = chosen_layouts[(out_f, in_f)] = entry["layout"]
+            w = to_layout(w, layout)
+            suffix = "|col" if layout == "col" else ""
+        for rc in classes:
+            key = f"{kind}|{rc}|{out_f}|{in_f}{suffix}"
             entry = cached.get(key)
-            if entry is None or entry.get("kernel") not in kernels:
+            if entry is None or set(entry.get("us", {})) != set(kernels):  # new or changed candidates
                 x2 = torch.randn(rc, in_f).to(activation_dtype(w))
                 timings = {n: float("inf") for n in kernels}
                 for _ in range(ROUNDS):  # interleaved, so a burst of load hits every kernel alike
@@ -192,7 +264,9 @@ def tune(model: nn.Module, max_rows: int = MAX_ROWS, timer: Callable = time_kern
                 entry = {"kernel": pick(timings, kernels), "us": {n: t * 1e6 for n, t in timings.items()}}
                 cached[key], fresh = entry, True
             _CHOICES[(kind, rc, out_f, in_f)] = entry["kernel"]
-            report.append({"kind": kind, "rows": rc, "out": out_f, "in": in_f, **entry})
+            report.append({"kind": kind, "rows": rc, "out": out_f, "in": in_f, **entry,
+                           **({"layout": layout} if kind == "dense" else {})})
+    apply_layouts(model, chosen_layouts)
     if fresh:  # re-measured choices replace the cached ones
         save_host_cache(cached)
     return report
@@ -236,8 +310,9 @@ def clear_choices() -> None:
 
 def format_report(report: list[dict]) -> str:
     lines = [f"kernels on {host_key()}:",
-             f"  {'kind':<6} {'rows':>4} {'weight [out, in]':>18}  chosen        timings (us)"]
+             f"  {'kind':<7} {'rows':>4} {'weight [out, in]':>18} {'layout':>6}  chosen        timings (us)"]
     for r in report:
         times = "  ".join(f"{n} {t:.1f}" for n, t in r.get("us", {}).items())
-        lines.append(f"  {r['kind']:<6} {r['rows']:>4} {str([r['out'], r['in']]):>18}  {r['kernel']:<12}  {times}")
+        lines.append(f"  {r['kind']:<7} {r['rows']:>4} {str([r['out'], r['in']]):>18} {r.get('layout', ''):>6}  "
+                     f"{r['kernel']:<12}  {times}")
     return "\n".join(lines)

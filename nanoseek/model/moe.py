@@ -70,7 +70,7 @@ def route(logits: torch.Tensor, cfg: ModelConfig,
     normalise = K > 1 and cfg.norm_topk_prob
     if normalise:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    if not normalise or cfg.model_type == "deepseek_v3":
+    if (not normalise or cfg.model_type == "deepseek_v3") and cfg.routed_scaling_factor != 1.0:
         weights = weights * cfg.routed_scaling_factor
     return weights, idx, scores
 
@@ -155,10 +155,36 @@ def gather_experts(x, idx, weights, gate_up, down) -> torch.Tensor:
     return (ys * weights[..., None].to(ys.dtype)).sum(1).to(x.dtype)
 
 
+def indexed_experts(x, idx, weights, gate_up, down, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A Python loop over the chosen experts with int indices into the stacked weights: reads idx and
+    weights on the host (on a CPU that is no sync), then per active expert one gate_up matmul, SwiGLU,
+    one down matmul, accumulated in place. The fewest ops for a few tokens; a GPU never takes it.
+    out [N, C]: accumulate into it (e.g. the shared experts' output) instead of into zeros."""
+    ids, ws = idx.tolist(), weights.tolist()
+    y = torch.zeros_like(x) if out is None else out
+    groups: dict[int, tuple[list[int], list[float]]] = {}
+    for n, (row_ids, row_ws) in enumerate(zip(ids, ws)):
+        for e, w in zip(row_ids, row_ws):
+            rows, rws = groups.setdefault(e, ([], []))
+            rows.append(n)
+            rws.append(w)
+    one = x.shape[0] == 1
+    for e, (rows, rws) in groups.items():
+        xe = x if one else x[rows[0]:rows[0] + 1] if len(rows) == 1 else x[rows]  # [n_e, C]
+        g, u = linear(xe, gate_up[e]).chunk(2, dim=-1)  # [n_e, I] each
+        ye = linear(F.silu(g) * u, down[e])  # [n_e, C]
+        if len(rows) == 1:
+            (y if one else y[rows[0]:rows[0] + 1]).add_(ye, alpha=rws[0])
+        else:
+            ye = ye * torch.tensor(rws, dtype=ye.dtype, device=ye.device)[:, None]
+            y.index_add_(0, torch.tensor(rows, device=y.device), ye.to(y.dtype))
+    return y
+
+
 # Inference dispatch of Experts.forward: "sorted" (pairs sorted by expert, then expert_ffn; reads the
-# per-expert counts on the host) or one of the fixed-shape variants above. Which is fastest depends on
-# the host and the number of tokens N, so tune_dispatch measures it at engine start:
-# (rows class of N, E, 2I, C) -> impl. Training (grad enabled) always takes "sorted".
+# per-expert counts on the host), "indexed" (indexed_experts; CPU only) or one of the fixed-shape
+# variants above. Which is fastest depends on the host and the number of tokens N, so tune_dispatch
+# measures it at engine start: (rows class of N, E, 2I, C) -> impl. Training (grad enabled) always takes "sorted".
 FIXED = {"dense": dense_experts, "gather": gather_experts}
 _DISPATCH_CHOICE: dict[tuple[int, int, int, int], str] = {}
 _FIXED_CHOICE: dict[tuple[int, int, int, int], str] = {}  # the same among FIXED (compiled graphs)
@@ -173,7 +199,8 @@ def dispatch_impl(n_tokens: int, gate_up) -> str:
         return _FIXED_CHOICE.get(key, "dense")
     if torch.is_grad_enabled() or n_tokens > MAX_ROWS:
         return "sorted"
-    return _DISPATCH_CHOICE.get(key, "sorted")
+    impl = _DISPATCH_CHOICE.get(key, "sorted")
+    return "sorted" if impl == "indexed" and gate_up.device.type != "cpu" else impl
 
 
 def clear_dispatch_choices() -> None:
@@ -193,15 +220,22 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
         self.impl = "auto"  # "loop" | "grouped" | "auto" (grouped on CUDA bf16)
 
+    stacked_weight_names = ("gate_up_proj", "down_proj")  # [E, out, in]: laid out by linear.tune
+
     def dispatch_weights(self) -> list:
         """One expert's weights, for the projection kernels' timing (nanoseek.model.linear.tune)."""
         return [self.gate_up_proj.unbind(0)[0], self.down_proj.unbind(0)[0]]
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
-                impl: str | None = None) -> torch.Tensor:
+                impl: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, C], idx/weights [N, K] -> sum_k weights[n, k] * expert_{idx[n, k]}(x[n]), [N, C].
-        impl: "sorted" or a FIXED name; None: dispatch_impl's choice."""
+        impl: "sorted", "indexed" or a FIXED name; None: dispatch_impl's choice. out [N, C]: the
+        result is added to it (in place, and returned) instead."""
         impl = impl or dispatch_impl(x.shape[0], self.gate_up_proj)
+        if impl == "indexed":
+            return indexed_experts(x, idx, weights, self.gate_up_proj, self.down_proj, out)
+        if out is not None:
+            return out.add_(self.forward(x, idx, weights, impl))
         if impl in FIXED:
             return FIXED[impl](x, idx, weights, self.gate_up_proj, self.down_proj)
         N, K = idx.shape
@@ -230,24 +264,25 @@ def _dispatch_timer(impl, experts, x, idx, weights, repeats: int = 5) -> float:
     return best
 
 
-def tune_dispatch(model: nn.Module, max_rows: int, timer=_dispatch_timer, use_cache: bool = True) -> list[dict]:
+def tune_dispatch(model: nn.Module, max_rows: int, timer=None, use_cache: bool = True) -> list[dict]:
     """Time Experts.forward's inference variants on the model's expert shapes for each rows class up
     to max_rows (N tokens, each with K distinct experts), keep the fastest per class, cache it per
     host with the projection kernels. timer(impl, experts, x, idx, weights) -> seconds."""
+    timer = timer or _dispatch_timer
     experts = next((m for m in model.modules() if isinstance(m, Experts)), None)
     if experts is None or not isinstance(experts.gate_up_proj, torch.Tensor):  # quantised: always "sorted"
         return []
     gate_up = experts.gate_up_proj
     E, I2, C = gate_up.shape
     K = next(m for m in model.modules() if isinstance(m, Router)).cfg.num_experts_per_tok
-    impls = ["sorted", *FIXED]
+    impls = ["sorted", *FIXED] + (["indexed"] if gate_up.device.type == "cpu" else [])
     cached = load_host_cache() if use_cache else {}
     report, fresh = [], False
     gen = torch.Generator().manual_seed(0)
     for rc in ROW_CLASSES[: ROW_CLASSES.index(row_class(max(1, min(max_rows, MAX_ROWS)))) + 1]:
         key = f"experts|{rc}|{E}|{I2}|{C}|{K}|{gate_up.dtype}|{gate_up.device.type}"
         entry = cached.get(key)
-        if entry is None or entry.get("kernel") not in impls:
+        if entry is None or set(entry.get("us", {})) != set(impls):  # new or changed candidates: measure
             x = torch.randn(rc, C, generator=gen).to(gate_up)
             idx = torch.rand(rc, E, generator=gen).argsort(dim=-1)[:, :K].to(gate_up.device)
             w = torch.rand(rc, K, generator=gen).to(gate_up)
@@ -279,7 +314,11 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [N, C]
         weights, idx, scores = self.gate(flat)
-        y = self.experts(flat, idx, weights).view(shape)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+        impl = dispatch_impl(flat.shape[0], self.experts.gate_up_proj)
+        if impl == "indexed" and self.shared_experts is not None:  # routed experts added onto the shared
+            y = self.experts(flat, idx, weights, impl, out=self.shared_experts(flat)).view(shape)
+        else:
+            y = self.experts(flat, idx, weights, impl).view(shape)
+            if self.shared_experts is not None:
+                y = y + self.shared_experts(x)
         return y, RouterStats(scores=scores, topk_idx=idx)

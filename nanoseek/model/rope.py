@@ -80,3 +80,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
         x1, x2 = xf[..., :half], xf[..., half:]
         out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.to(x.dtype)
+
+
+def rope_cis(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """cos + i sin, [*, R/2] complex64: the rotation of each interleaved pair, for apply_rope_complex."""
+    return torch.complex(cos.float(), sin.float())
+
+
+def complex_view_ok(x: torch.Tensor) -> bool:
+    """Whether x [..., R] (fp32) can be viewed as R/2 complex numbers without a copy."""
+    return (x.dtype == torch.float32 and x.shape[-1] % 2 == 0 and x.stride(-1) == 1
+            and x.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in x.stride()[:-1]))
+
+
+def apply_rope_complex(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    """apply_rope(x, cos, sin, interleaved=True) in one multiply: the pair (x0, x1) is the complex
+    x0 + i x1, turned by cis [B, T, R/2]. x [B, T, H, R] or [B, T, R], fp32 (complex_view_ok)."""
+    if x.dim() == cis.dim() + 1:  # a heads axis to broadcast over
+        cis = cis.unsqueeze(-2)
+    xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # [..., R/2] complex, no copy
+    return torch.view_as_real(xc * cis).flatten(-2)

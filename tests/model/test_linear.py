@@ -111,3 +111,40 @@ def test_choices_are_cached_per_host_and_reused(tmp_path):
 def test_unknown_kernel_is_rejected():
     with pytest.raises(ValueError, match="unknown kernel 'nope'"):
         lin.set_choices({("dense", 1, 4, 4): "nope"})
+
+
+def test_weights_are_laid_out_column_major_only_where_that_measures_faster():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 64))
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        want = model(x)
+
+    def timer(fn, x2, w):  # col-major: faster for few rows on both; slower prefill for [64, 16] only
+        col = lin.layout_of(w) == "col"
+        if x2.shape[0] == lin.PREFILL_ROWS:
+            return 2.0 if col and tuple(w.shape) == (64, 16) else 1.0
+        return 0.5 if col else 1.0
+
+    report = lin.tune(model, max_rows=4, timer=timer)
+    layouts = {(r["out"], r["in"]): r["layout"] for r in report}
+    assert layouts == {(16, 32): "col", (64, 16): "row"}
+    assert lin.layout_of(model[0].weight) == "col" and lin.layout_of(model[1].weight) == "row"
+    assert model[0].weight.is_contiguous() is False and model[0].weight.t().is_contiguous()
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+    assert "col" in lin.format_report(report)
+
+
+def test_stacked_expert_weights_take_the_layout_of_their_matrices():
+    from nanoseek.model.moe import Experts
+
+    ex = Experts(4, 8, 6)
+    with torch.no_grad():
+        ex.gate_up_proj.copy_(torch.randn(4, 12, 8))
+    before = ex.gate_up_proj.detach().clone()
+    lin.apply_layouts(ex, {(12, 8): "col"})
+    assert lin.layout_of(ex.gate_up_proj[2]) == "col"
+    assert torch.equal(ex.gate_up_proj.detach(), before)  # the same values
+    lin.apply_layouts(ex, {(12, 8): "row"})
+    assert ex.gate_up_proj.is_contiguous()

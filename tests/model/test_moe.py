@@ -81,7 +81,7 @@ def loop_moe(moe, x):
     return out.view_as(x)
 
 
-@pytest.mark.parametrize("impl", ["loop", "grouped", "dense", "gather"])
+@pytest.mark.parametrize("impl", ["loop", "grouped", "dense", "gather", "indexed"])
 def test_vectorised_dispatch_matches_token_loop(impl):
     cfg = tiny_v2_grouped()
     model = build_model(cfg, seed=5)
@@ -124,7 +124,8 @@ def test_dispatch_tuning_takes_the_faster_impl_per_batch_size(tmp_path, monkeypa
     monkeypatch.setenv("NANOSEEK_CACHE_DIR", str(tmp_path))
     moe_mod.clear_dispatch_choices()
     model = build_model(tiny_v2(), seed=5).eval()
-    fake = {"sorted": lambda n: 1.0, "dense": lambda n: 0.5 if n >= 4 else 2.0, "gather": lambda n: 3.0}
+    fake = {"sorted": lambda n: 1.0, "dense": lambda n: 0.5 if n >= 4 else 2.0, "gather": lambda n: 3.0,
+            "indexed": lambda n: 4.0}
     report = moe_mod.tune_dispatch(model, max_rows=8, timer=lambda impl, e, x, *a: fake[impl](x.shape[0]))
     assert [(r["rows"], r["kernel"]) for r in report] == [(1, "sorted"), (2, "sorted"), (4, "dense"), (8, "dense")]
     for r in report:
