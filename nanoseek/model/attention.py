@@ -130,15 +130,15 @@ class MLA(nn.Module):
             w_uk, w_uv = self.absorbed_weights()
             if fast.enabled():  # the einsums below as two bmm over heads, without einsum's permutes
                 N, H, L = B * T, self.n_heads, self.L
-                q_lat = torch.bmm(q_nope.reshape(N, H, self.Dn).transpose(0, 1), w_uk)  # [H, N, L]
-                q = torch.cat([q_lat.transpose(0, 1), q_pe.reshape(N, H, self.R)], dim=-1).view(B, T, H, -1)
-                o_lat = backend.latent_attention(layer_idx, q, latent, meta, self.scale, L)  # [B, T, H, L]
-                out = torch.bmm(o_lat.reshape(N, H, L).transpose(0, 1), w_uv.transpose(1, 2))  # [H, N, Dv]
-                return self.o_proj(out.transpose(0, 1).reshape(B, T, H * self.Dv))
-            q_lat = torch.einsum("bthd,hdl->bthl", q_nope, w_uk)  # [B, T, H, L]
+                q_lat = torch.bmm(q_nope.reshape(N, H, self.Dn).transpose(0, 1).to(w_uk.dtype), w_uk)  # [H, N, L]
+                q = torch.cat([q_lat.transpose(0, 1).to(q_pe.dtype), q_pe.reshape(N, H, self.R)], dim=-1)
+                o_lat = backend.latent_attention(layer_idx, q.view(B, T, H, -1), latent, meta, self.scale, L)
+                out = torch.bmm(o_lat.reshape(N, H, L).transpose(0, 1).to(w_uv.dtype), w_uv.transpose(1, 2))
+                return self.o_proj(out.transpose(0, 1).reshape(B, T, H * self.Dv).to(x.dtype))  # out: [H, N, Dv]
+            q_lat = torch.einsum("bthd,hdl->bthl", q_nope.to(w_uk.dtype), w_uk).to(q_pe.dtype)  # [B, T, H, L]
             o_lat = backend.latent_attention(layer_idx, torch.cat([q_lat, q_pe], dim=-1), latent, meta,
                                              self.scale, self.L)  # [B, T, H, L]
-            out = torch.einsum("bthl,hvl->bthv", o_lat, w_uv)  # [B, T, H, Dv]
+            out = torch.einsum("bthl,hvl->bthv", o_lat.to(w_uv.dtype), w_uv).to(x.dtype)  # [B, T, H, Dv]
         else:
             kv, mask = backend.keys(layer_idx, latent, meta)  # [B, S, L+R]
             out = self._naive(q_nope, q_pe, kv, mask)  # [B, T, H, Dv]
@@ -158,7 +158,8 @@ class MLA(nn.Module):
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head: W_UK [H, Dn, L] and W_UV [H, Dv, L] (views, no copy). A quantised
-        kv_b_proj is dequantised (QuantWeight.dense caches it once; see bench/RESULTS.md)."""
+        kv_b_proj is dequantised (QuantWeight.dense caches it once, in fp32 on CPU: see load_model);
+        the absorbed products run in these weights' dtype and cast back."""
         w = self.kv_b_proj.weight
         w = (w if isinstance(w, torch.Tensor) else w.dense()).view(self.n_heads, self.Dn + self.Dv, self.L)
         return w[:, : self.Dn], w[:, self.Dn:]

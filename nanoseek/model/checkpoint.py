@@ -170,9 +170,12 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
     _fill(model, cfg, files, saved)
     for qw in quantised:
         qw.to_kernel_layout()
-    for m in model.modules():  # absorbed decode reads kv_b_proj per head: dequantise it once
+    # absorbed decode reads kv_b_proj per head: dequantise it once, in fp32 on CPU, where bf16 batched
+    # matmuls of its shape ran 11-23x slower than fp32 on an AVX2 host (bench/RESULTS.md, issue 9)
+    absorb_dtype = torch.float32 if device.type == "cpu" else dtype
+    for m in model.modules():
         if isinstance(m, MLA) and isinstance(m.kv_b_proj.weight, QuantWeight):
-            m.kv_b_proj.weight.cache_dense()
+            m.kv_b_proj.weight.cache_dense(absorb_dtype)
     return model.eval()
 
 

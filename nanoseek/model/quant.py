@@ -252,10 +252,11 @@ class QuantWeight(nn.Module):
         cached = getattr(self, "dense_cache", None)
         return cached if cached is not None else self.dequantize()
 
-    def cache_dense(self) -> None:
-        """Keep a dequantised copy (not saved) for callers that need the weight itself, like absorbed
-        MLA's per-head W_UK / W_UV; the quantised form still serves the linear kernels."""
-        self.register_buffer("dense_cache", self.dequantize(), persistent=False)
+    def cache_dense(self, dtype: torch.dtype | None = None) -> None:
+        """Keep a dequantised copy (not saved, in dtype; default the compute dtype) for callers that need
+        the weight itself, like absorbed MLA's per-head W_UK / W_UV; the quantised form still serves
+        the linear kernels."""
+        self.register_buffer("dense_cache", self.dequantize(dtype), persistent=False)
 
     def unbind(self, dim: int = 0) -> list["QuantSlice"]:
         """One 2-D view per leading index (the experts), sharing storage."""
