@@ -78,6 +78,8 @@ def bench_decode(ours, theirs, cfg, seed=0, compiled=False):
         t1, _, _ = run_engine(e, p1, 1, f"a{B}")
         t65, toks, _ = run_engine(e, p65, 65, f"b{B}")
         ours_tps = B * 64 / (t65 - t1)
+        if e.decode_threads is not None:
+            print(f"B={B} decode threads, median ms of the recent steps: {e.decode_threads.summary()}")
         if compiled:
             c = LLMEngine(ours, num_blocks=20 * B, enforce_eager=False)
             tw = time.perf_counter()

@@ -212,6 +212,9 @@ def main() -> None:
         med = statistics.median(ts)
         print(f"wall per step: median {med:.2f} ms, min {min(ts):.2f} ms -> {B * 1e3 / med:.1f} tok/s "
               f"(median), {B * 1e3 / min(ts):.1f} (best step)")
+        if e.decode_threads is not None:
+            print(f"decode threads (median ms of the recent steps per batch bucket and count): "
+                  f"{e.decode_threads.summary()}")
         print("\n| phase (no profiler) | ms / step |\n|---|---:|")
         for k, v in phases(e, args.steps).items():
             print(f"| {k} | {v:.2f} |")

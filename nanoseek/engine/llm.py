@@ -43,6 +43,7 @@ from nanoseek.engine.sampling import SamplingParams, make_generator
 from nanoseek.engine.scheduler import RequestRejected, Scheduler
 from nanoseek.engine.sequence import Sequence
 from nanoseek.engine.structured import GrammarState, Grammars
+from nanoseek.engine.threads import DecodeThreads
 from nanoseek.model.linear import MAX_ROWS, format_report, tune
 from nanoseek.model.moe import tune_dispatch
 
@@ -113,7 +114,11 @@ class LLMEngine:
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  cache_dir: str | os.PathLike | None = None, disk_cache_bytes: int = 2 ** 30,
                  cache_dtype: torch.dtype | None = None, tune_kernels: bool = True,
-                 attention_backend: str = "auto", enforce_eager: bool = True):
+                 attention_backend: str = "auto", enforce_eager: bool = True,
+                 decode_threads: int | str | None = "auto"):
+        """decode_threads: intra-op threads of decode steps: "auto" measures the process's count
+        against 1 on the live steps and keeps the faster (nanoseek.engine.threads), an int fixes it,
+        None leaves torch's setting alone."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = self.config = model.config
@@ -150,7 +155,15 @@ class LLMEngine:
         self.decode_step = None
         if not enforce_eager:
             self.decode_step = CompiledDecode(model, self.cache, self.backend, max_num_seqs)
-        self.runner = ModelRunner(model, self.cache, self.backend, self.disk, decode_step=self.decode_step)
+        self.decode_threads = None
+        if decode_threads == "auto" and device.type == "cpu" and torch.get_num_threads() > 1:
+            self.decode_threads = DecodeThreads([torch.get_num_threads(), 1])
+        elif isinstance(decode_threads, int) and not isinstance(decode_threads, bool):
+            self.decode_threads = DecodeThreads([decode_threads])
+        elif decode_threads not in ("auto", None):
+            raise ValueError(f"decode_threads={decode_threads!r} must be 'auto', an integer >= 1 or None")
+        self.runner = ModelRunner(model, self.cache, self.backend, self.disk, decode_step=self.decode_step,
+                                  threads=self.decode_threads)
         self._requests: dict[str, RequestOutput] = {}
         self._children: dict[Hashable, tuple[str, _Child]] = {}
         self._params: dict[str, SamplingParams] = {}

@@ -14,6 +14,7 @@ moved to the device; nothing on the model's side reads a value back until the sa
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Hashable
 
@@ -24,7 +25,9 @@ from nanoseek.engine.kv_cache import PagedKVCache
 from nanoseek.engine.sampling import SamplingParams, sample
 from nanoseek.engine.structured import GrammarState, fill_bitmask, unpack_bitmask
 from nanoseek.engine.scheduler import SchedulerOutput
+from nanoseek.engine.threads import DecodeThreads
 from nanoseek.model.backend import prefer_absorbed
+from nanoseek.model.linear import row_class
 from nanoseek.model.transformer import CausalLM
 
 
@@ -37,9 +40,10 @@ class SampleResult:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, cache: PagedKVCache, backend, disk: DiskCache | None = None,
-                 decode_step=None):
+                 decode_step=None, threads: DecodeThreads | None = None):
         self.model, self.cache, self.backend, self.disk = model, cache, backend, disk
         self.decode_step = decode_step  # compile.CompiledDecode, or None: eager
+        self.threads = threads  # intra-op threads of decode steps, chosen by measurement (threads.py)
         self.device = next(model.parameters()).device
         self.eos_token_ids = model.config.eos_token_ids
 
@@ -66,10 +70,22 @@ class ModelRunner:
         if decodes:
             groups.append(decodes)
         results: dict[Hashable, SampleResult] = {}
-        for items in groups:
-            logits, seqs = self._forward(items)
-            if seqs:
-                results.update(self._sample(logits, seqs, params_of, generator_of, grammar_of))
+        default = torch.get_num_threads()
+        try:
+            for items in groups:
+                key = row_class(len(items)) if items is decodes and self.threads is not None else None
+                threads = self.threads.pick(key) if key is not None else default
+                if threads != torch.get_num_threads():
+                    torch.set_num_threads(threads)
+                t = time.perf_counter()
+                logits, seqs = self._forward(items)
+                if seqs:
+                    results.update(self._sample(logits, seqs, params_of, generator_of, grammar_of))
+                if key is not None:
+                    self.threads.record(key, threads, time.perf_counter() - t)
+        finally:
+            if torch.get_num_threads() != default:
+                torch.set_num_threads(default)
         return results
 
     def _forward(self, items) -> tuple[torch.Tensor | None, list]:

@@ -1,0 +1,59 @@
+"""Intra-op threads for decode steps, chosen by measuring the steps themselves while the engine runs.
+
+    chooser = DecodeThreads([2, 1])
+    n = chooser.pick(batch_bucket)          # before a decode forward: the thread count to use
+    chooser.record(batch_bucket, n, secs)   # after it: how long the step took
+
+A decode step is a few hundred small ops over weights streamed from memory. With 2 threads each
+parallel op waits at a barrier for both; on a machine whose other core is busy (a shared host, a
+server's own tokenizer threads), those waits cost more than the second thread gains: on the host in
+bench/RESULTS.md (Zen 3, 2 cores, load 8) one thread decoded 2-4x faster, and which count wins
+changes with the load. So every count is tried on live steps, the median of the recent steps of each
+decides, and the others are re-tried every `probe_every` steps of that batch size. Prefill keeps the
+process's thread count (large matmuls use both cores well).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+
+
+class DecodeThreads:
+    def __init__(self, candidates: list[int], window: int = 8, min_samples: int = 3, probe_every: int = 64):
+        if not candidates or any(c < 1 for c in candidates):
+            raise ValueError(f"thread candidates must be integers >= 1, got {candidates}")
+        self.candidates = list(dict.fromkeys(candidates))
+        self.window, self.min_samples, self.probe_every = window, min_samples, probe_every
+        self._times: dict[object, dict[int, deque]] = {}
+        self._steps: dict[object, int] = {}
+
+    def pick(self, key) -> int:
+        """The thread count for the next decode step of this key (e.g. the batch bucket)."""
+        times = self._times.setdefault(key, {c: deque(maxlen=self.window) for c in self.candidates})
+        n = self._steps[key] = self._steps.get(key, 0) + 1
+        for c in self.candidates:  # first every count gets its samples
+            if len(times[c]) < self.min_samples:
+                return c
+        best = self.best(key)
+        others = [c for c in self.candidates if c != best]
+        phase = n % self.probe_every
+        if others and phase < self.min_samples * len(others):  # now and then, re-try the others
+            return others[phase // self.min_samples]
+        return best
+
+    def record(self, key, threads: int, seconds: float) -> None:
+        self._times.setdefault(key, {c: deque(maxlen=self.window) for c in self.candidates})
+        self._times[key].setdefault(threads, deque(maxlen=self.window)).append(seconds)
+
+    def best(self, key) -> int:
+        times = self._times.get(key, {})
+        measured = [c for c in self.candidates if times.get(c)]
+        if not measured:
+            return self.candidates[0]
+        return min(measured, key=lambda c: (statistics.median(times[c]), self.candidates.index(c)))
+
+    def summary(self) -> dict:
+        """{key: {threads: median ms of its recent steps}} (for logs and bench/)."""
+        return {k: {c: round(statistics.median(ts) * 1e3, 2) for c, ts in v.items() if ts}
+                for k, v in self._times.items()}
