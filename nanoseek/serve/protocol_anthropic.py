@@ -15,6 +15,7 @@ those that were (so their sum is the prompt).
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -232,6 +233,4 @@ def event(e: BaseModel) -> str:
 
 
 def error_event(status: int, message: str) -> str:
-    import json
-
     return f"event: error\ndata: {json.dumps(anthropic_error(status, message))}\n\n"

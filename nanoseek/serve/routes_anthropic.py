@@ -50,7 +50,7 @@ NO_KEY = "missing or invalid API key (send x-api-key: sk-... or Authorization: B
 def refuse(err: ApiError) -> JSONResponse:
     """An ApiError in Anthropic's shape; its message names the parameter."""
     message = err.message
-    if err.param and not message.startswith(err.param):
+    if err.param and err.param not in message:
         message = f"{err.param}: {message}"
     status = anthropic_status(err.status)
     return JSONResponse(anthropic_error(status, message), status_code=status, headers=err.headers)
@@ -88,7 +88,7 @@ def chat_messages(req: MessagesRequest, tokenizer) -> list[dict]:
                 out.append({"role": "tool", "content": ("error: " if b.is_error else "") + b.text})
         if m.role == "assistant":
             out.append({"role": "assistant", "content": "".join(text), **({"tool_calls": calls} if calls else {})})
-        elif text or not m.blocks:
+        elif text:
             out.append({"role": "user", "content": "".join(text)})
     return out
 
