@@ -124,6 +124,11 @@ def measure(ckpt: Path, scheme: str, group_size: int, prompt: int, decode: int, 
     model = load_model(ckpt, dtype=torch.bfloat16, quantization=scheme, group_size=group_size)
     load_s = time.perf_counter() - t
     loaded_anon = _status("RssAnon")
+    from nanoseek.model.linear import format_report, tune
+
+    t = time.perf_counter()  # what LLM does at start: measured kernel per shape and rows (cached per host)
+    print(format_report(tune(model, max_rows=4)), file=sys.stderr)
+    tune_s = time.perf_counter() - t
     cfg = model.config
     # bytes read per decoded token (B=1): everything but the routed experts, plus K of E of them
     per_tok = 0
@@ -135,7 +140,7 @@ def measure(ckpt: Path, scheme: str, group_size: int, prompt: int, decode: int, 
                    if "embed_tokens" not in n)
     g = torch.Generator().manual_seed(1)
     out = {"scheme": scheme, "group_size": group_size if scheme == "int4" else None, "load_s": load_s,
-           "loaded_anon_gb": loaded_anon / 1e9, "load_avg_start": os.getloadavg()[0]}
+           "loaded_anon_gb": loaded_anon / 1e9, "tune_s": tune_s, "load_avg_start": os.getloadavg()[0]}
     with torch.inference_mode():
         cache = DenseCache(cfg, 1, prompt + decode + 1, dtype=torch.bfloat16)
         ids = torch.randint(2, cfg.vocab_size, (1, prompt), generator=g)
@@ -200,6 +205,7 @@ def main() -> None:
         if r.returncode:
             print(f"{scheme}: failed\n{r.stderr[-3000:]}", flush=True)
             continue
+        print(r.stderr[-6000:], flush=True)  # the kernels chosen
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     print(f"# {Path(args.config).name} shape, random bf16 weights ({ckpt}); host {platform.processor() or platform.machine()}, "

@@ -32,7 +32,13 @@ from torch import nn
 from nanoseek.io import atomic_write
 from nanoseek.model import quant
 
-MAX_ROWS = 16  # above this many rows every kind's reference kernel is used, untimed
+MAX_ROWS = 16  # above this many rows dense weights take F.linear (BLAS GEMM), untimed
+# quantised kinds above MAX_ROWS (prefill): rows up to 64 take the choice measured at 64, more take the
+# one measured at 256 (on an AVX2 host the fused bf16 ops win at 64 rows, dequantise + fp32 GEMM at 256)
+MANY_CLASSES = (64, 256)
+# kernels that dequantise the whole weight per call are not candidates above this many weights: a
+# V2-Lite lm_head (210M) would need 0.8 GB of fp32 per call, and it never wins there anyway
+DEQUANT_MAX_NUMEL = 1 << 26
 ROW_CLASSES = (1, 2, 4, 8, 16)  # rows are rounded up to one of these to look a choice up
 ROUNDS = 4  # timing rounds per shape, kernels interleaved; the best of all rounds counts
 
@@ -59,8 +65,10 @@ KERNELS: dict[str, dict[str, Kernel]] = {
     # weight-only quantised (quant.QuantWeight): "auto" (first, so it also serves > MAX_ROWS rows) is
     # torch's fused op where one exists for the device, dtype and layout, else "dequant", the
     # reference (dequantise the weight, then F.linear); tune measures all of them.
-    "int8": {"auto": quant.auto_linear, "dequant": quant.dequant_linear, "int8pack": quant.int8pack_linear},
-    "int4": {"auto": quant.auto_linear, "dequant": quant.dequant_linear, "int4pack": quant.int4pack_linear},
+    "int8": {"auto": quant.auto_linear, "dequant": quant.dequant_linear, "int8pack": quant.int8pack_linear,
+             "dequant_f32": quant.dequant_f32_linear},
+    "int4": {"auto": quant.auto_linear, "dequant": quant.dequant_linear, "int4pack": quant.int4pack_linear,
+             "dequant_f32": quant.dequant_f32_linear},
 }
 
 # (kind, rows class, out, in) -> kernel name: filled by `tune` (or `set_choices`), read by `linear`.
@@ -90,8 +98,11 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     out_f, in_f = weight.shape
     rows = x.numel() // in_f if in_f else 0
     name = None
-    if 0 < rows <= MAX_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled():
-        name = _CHOICES.get((kind, row_class(rows), out_f, in_f))
+    if rows > 0 and x.device.type == "cpu" and not torch.is_grad_enabled():
+        if rows <= MAX_ROWS:
+            name = _CHOICES.get((kind, row_class(rows), out_f, in_f))
+        elif kind != "dense":  # prefill through a quantised weight
+            name = _CHOICES.get((kind, MANY_CLASSES[rows > MANY_CLASSES[0]], out_f, in_f))
     fn = kernels[name] if name is not None else next(iter(kernels.values()))
     if x.dim() == 2:
         return fn(x, weight, bias)  # [rows, out]
@@ -129,14 +140,17 @@ def cache_path() -> Path:
     return Path(root) / "kernels.json"
 
 
-def time_kernel(fn: Kernel, x2: torch.Tensor, weight, repeats: int = 8) -> float:
-    """Best seconds of fn(x2, weight, None) over `repeats` calls after two warm-ups. The minimum, not
-    the median: on a shared machine other processes only ever add time, never remove it."""
+def time_kernel(fn: Kernel, x2: torch.Tensor, weight, repeats: int = 8, budget_s: float = 0.05) -> float:
+    """Best seconds of fn(x2, weight, None) over up to `repeats` calls (at least two; no more once
+    they have taken budget_s) after a warm-up. The minimum, not the median: on a shared machine other
+    processes only ever add time, never remove it."""
     with torch.inference_mode():
-        for _ in range(2):
+        t = time.perf_counter()
+        fn(x2, weight, None)
+        if time.perf_counter() - t < budget_s:  # a slow kernel needs no second warm-up
             fn(x2, weight, None)
-        ts = []
-        for _ in range(repeats):
+        ts: list[float] = []
+        while len(ts) < repeats and (len(ts) < 2 or sum(ts) < budget_s):
             t = time.perf_counter()
             fn(x2, weight, None)
             ts.append(time.perf_counter() - t)
@@ -252,15 +266,20 @@ def tune(model: nn.Module, max_rows: int = MAX_ROWS, timer: Callable | None = No
             layout = chosen_layouts[(out_f, in_f)] = entry["layout"]
             w = to_layout(w, layout)
             suffix = "|col" if layout == "col" else ""
-        for rc in classes:
+        if kind != "dense" and out_f * in_f > DEQUANT_MAX_NUMEL:
+            kernels = {n: fn for n, fn in kernels.items() if not n.startswith("dequant")}
+        for rc in classes + (MANY_CLASSES if kind != "dense" else ()):
             key = f"{kind}|{rc}|{out_f}|{in_f}{suffix}"
             entry = cached.get(key)
             if entry is None or set(entry.get("us", {})) != set(kernels):  # new or changed candidates
                 x2 = torch.randn(rc, in_f).to(activation_dtype(w))
                 timings = {n: float("inf") for n in kernels}
+                alive = dict(kernels)
                 for _ in range(ROUNDS):  # interleaved, so a burst of load hits every kernel alike
-                    for n, fn in kernels.items():
+                    for n, fn in alive.items():
                         timings[n] = min(timings[n], timer(fn, x2, w))
+                    # a kernel 3x slower than the best after a round cannot win: stop timing it
+                    alive = {n: fn for n, fn in alive.items() if timings[n] <= 3 * min(timings.values())}
                 entry = {"kernel": pick(timings, kernels), "us": {n: t * 1e6 for n, t in timings.items()}}
                 cached[key], fresh = entry, True
             _CHOICES[(kind, rc, out_f, in_f)] = entry["kernel"]

@@ -333,6 +333,13 @@ def dequant_linear(x2: torch.Tensor, w, bias: torch.Tensor | None = None) -> tor
     return F.linear(x2, w.dequantize(x2.dtype), bias)
 
 
+def dequant_f32_linear(x2: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantise to fp32, multiply in fp32, cast back: for many rows on CPUs without a native bf16
+    GEMM (AVX2), where this runs at the fp32 BLAS rate and the fused bf16 ops do not."""
+    y = F.linear(x2.float(), w.dequantize(torch.float32), None if bias is None else bias.float())
+    return y.to(x2.dtype)
+
+
 def int8pack_linear(x2: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
     """torch._weight_int8pack_mm: int8 weights and per-channel scales, activations in their dtype
     (CPU; elsewhere the reference)."""

@@ -68,7 +68,7 @@ def test_injected_timings_the_slower_kernel_is_never_taken(monkeypatch):
         if fn is lin.KERNELS["dense"]["small_rows"]:
             return 1.0 if shape == (16, 32) else (0.1 if rows <= 2 else 3.0)
         if fn is lin.KERNELS["probe"]["fast"]:
-            return 0.5 if rows == 4 else 2.0
+            return 0.5 if rows in (4, lin.MANY_CLASSES[1]) else 2.0
         return 1.5 if shape != (16, 32) else 2.0  # the references
 
     report = lin.tune(M(), max_rows=4, timer=timer)
@@ -77,14 +77,17 @@ def test_injected_timings_the_slower_kernel_is_never_taken(monkeypatch):
     # where the reference was faster, it is kept; where small_rows was, small_rows is taken
     assert [chosen[("dense", r, 64, 16)] for r in (1, 2, 4)] == ["small_rows", "small_rows", "F.linear"]
     assert [chosen[("probe", r, 8, 32)] for r in (1, 2, 4)] == ["ref", "ref", "fast"]
-    assert {r["rows"] for r in report} == {1, 2, 4}
+    # a non-dense (quantised) kind is also measured at MANY_CLASSES, for the calls above MAX_ROWS
+    assert [chosen[("probe", r, 8, 32)] for r in lin.MANY_CLASSES] == ["ref", "fast"]
+    assert {r["rows"] for r in report if r["kind"] == "dense"} == {1, 2, 4}
+    assert {r["rows"] for r in report if r["kind"] == "probe"} == {1, 2, 4, *lin.MANY_CLASSES}
     for r in report:  # never the slower one
         assert r["us"][r["kernel"]] == min(r["us"].values())
 
     # and `linear` calls exactly the chosen kernel for each row count
     p = ProbeWeight(torch.randn(8, 32))
     with torch.inference_mode():
-        for rows, want in ((1, "ref"), (3, "fast"), (4, "fast"), (20, "ref")):
+        for rows, want in ((1, "ref"), (3, "fast"), (4, "fast"), (20, "ref"), (64, "ref"), (65, "fast"), (300, "fast")):
             calls.clear()
             y = lin.linear(torch.randn(rows, 32), p)
             assert calls == [want] and y.shape == (rows, 8)

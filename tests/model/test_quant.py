@@ -357,3 +357,34 @@ def test_quantize_cli_writes_a_loadable_folder_and_refuses_bad_input(tmp_path, c
     assert sorted(os.listdir(tmp_path)) == ["dense", "q4"]  # no temporary folders left either
     sizes = weight_bytes(tiny_v2(), group_size=32)
     assert sizes["int8"] < 0.6 * sizes["bf16"] and sizes["int4"] < sizes["int8"]
+
+
+def test_whole_weight_dequantising_kernels_are_not_timed_on_huge_weights(tmp_path, monkeypatch):
+    """tune never times (or picks) a kernel that dequantises the whole weight per call on a weight over
+    DEQUANT_MAX_NUMEL (a real lm_head would cost GBs of fp32 per call); elsewhere it may win."""
+    from nanoseek.model import linear as lin
+    from nanoseek.model import quant
+
+    monkeypatch.setenv("NANOSEEK_CACHE_DIR", str(tmp_path / "cache"))
+    qmodel = load_model(saved(tmp_path), quantization="int8")
+    shapes = {(o, i) for kind, o, i in lin.model_weights(qmodel) if kind == "int8"}
+    head = max(shapes, key=lambda s: s[0] * s[1])  # the biggest is "huge", like a real lm_head
+    monkeypatch.setattr(lin, "DEQUANT_MAX_NUMEL", max(o * i for o, i in shapes if o * i < head[0] * head[1]))
+    dequantising = (quant.dequant_linear, quant.dequant_f32_linear)
+    timed = []
+
+    def timer(fn, x2, w):  # injected: the dequantising kernels would win everywhere
+        timed.append((fn, tuple(w.shape)))
+        return 0.1 if fn in dequantising else 1.0
+
+    lin.clear_choices()
+    try:
+        report = lin.tune(qmodel, max_rows=2, timer=timer, use_cache=False)
+    finally:
+        lin.clear_choices()
+    on_head = [r for r in report if (r["out"], r["in"]) == head]
+    others = [r for r in report if r["kind"] == "int8" and r["out"] * r["in"] < head[0] * head[1]]
+    assert {r["rows"] for r in on_head} == {1, 2, *lin.MANY_CLASSES}
+    assert all(not r["kernel"].startswith("dequant") for r in on_head)
+    assert not any(fn in dequantising and shape == head for fn, shape in timed)
+    assert others and all(r["kernel"].startswith("dequant") for r in others)
