@@ -85,6 +85,8 @@ def _quantize_rows(w: torch.Tensor, s: QuantScheme) -> tuple[torch.Tensor, torch
         scale = wg.abs().amax(-1) / (hi + 0.5)  # as compressed-tensors: amax / ((qmax - qmin) / 2)
         scale = scale.clamp(min=torch.finfo(torch.float32).tiny)
         q = (wg / scale[..., None]).round().clamp(lo, hi)
+        if s.bits == 4:  # 16 levels: clipping the largest weights often lowers the group's error
+            q, scale = _clip_search(wg, q, scale, lo, hi)
         zero = None
     else:
         mn, mx = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
@@ -93,6 +95,24 @@ def _quantize_rows(w: torch.Tensor, s: QuantScheme) -> tuple[torch.Tensor, torch
         q = ((wg / scale[..., None]).round() + zero[..., None]).clamp(lo, hi)
         zero = zero.to(torch.int8)
     return q.to(torch.int8).reshape(w.shape), scale, zero
+
+
+CLIP_RATIOS = (0.95, 0.9, 0.85, 0.8, 0.75)  # scales tried below absmax for symmetric int4
+
+
+def _clip_search(wg: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, lo: int, hi: int):
+    """Per group, the scale among absmax's and CLIP_RATIOS of it with the least squared error (the
+    weights beyond the clipped range saturate): wg [..., G, g], q and scale for absmax -> (q, scale)."""
+    best = ((q * scale[..., None] - wg) ** 2).sum(-1)  # [..., G]
+    for r in CLIP_RATIOS:
+        sc = scale * r
+        qc = (wg / sc[..., None]).round().clamp(lo, hi)
+        err = ((qc * sc[..., None] - wg) ** 2).sum(-1)
+        better = err < best
+        q = torch.where(better[..., None], qc, q)
+        scale = torch.where(better, sc, scale)
+        best = torch.minimum(err, best)
+    return q, scale
 
 
 def quantize(w: torch.Tensor, s: QuantScheme) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
