@@ -119,7 +119,8 @@ def quantize(w: torch.Tensor, s: QuantScheme) -> tuple[torch.Tensor, torch.Tenso
     """w [..., N, K] -> (q int8 [..., N, K], scale fp32 [..., N, G], zero int8 [..., N, G] or None)."""
     s.check(tuple(w.shape))
     flat = w.reshape(-1, w.shape[-1])  # [rows, K]
-    parts = [_quantize_rows(flat[i:i + _ROW_CHUNK], s) for i in range(0, max(flat.shape[0], 1), _ROW_CHUNK)]
+    rows = _ROW_CHUNK // 8 if s.bits == 4 and s.symmetric else _ROW_CHUNK  # the clip search's temporaries
+    parts = [_quantize_rows(flat[i:i + rows], s) for i in range(0, max(flat.shape[0], 1), rows)]
     q = torch.cat([p[0] for p in parts]).reshape(w.shape)
     scale = torch.cat([p[1] for p in parts]).reshape(*w.shape[:-1], -1)
     zero = None if s.symmetric else torch.cat([p[2] for p in parts]).reshape(*w.shape[:-1], -1)
