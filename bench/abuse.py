@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,23 +31,9 @@ from decimal import Decimal
 from pathlib import Path
 
 import httpx
+from loopback import CORPUS, free_port, percentile  # noqa: E402  (bench/ is on sys.path)
 
 KINDS = ("oversized", "huge_int", "bad_json", "big_prompt", "broke", "disconnect", "valid")
-CORPUS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.\n",
-          "class Stack:\n    def push(self, x):\n        self.items.append(x)\n"] * 40
-
-
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def prepare(folder: Path) -> tuple[Path, Path, str, str, str]:
     """Model folder, price sheet, database URL, funded secret, broke secret."""
     from nanoseek.config import ModelConfig

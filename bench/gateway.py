@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,23 +31,9 @@ from pathlib import Path
 import httpx
 
 from nanoseek.io import atomic_write
+from loopback import CORPUS, free_port, percentile  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
-CORPUS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.\n",
-          "class Stack:\n    def push(self, x):\n        self.items.append(x)\n"] * 40
-
-
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------------------- the trivial backend
 TRIVIAL_CHUNK = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "trivial",
                  "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "length"}],

@@ -30,7 +30,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,9 +39,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import httpx
+from loopback import CORPUS, free_port, percentile  # noqa: E402  (bench/ is on sys.path)
 
-CORPUS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.\n",
-          "class Stack:\n    def push(self, x):\n        self.items.append(x)\n"] * 40
 WORDS = "alpha beta gamma delta stack queue tree graph node edge list dict return yield class".split()
 MODEL = "soak"
 FUNDED_KEYS, FUNDED_BALANCE = 8, Decimal("1000")
@@ -66,21 +64,10 @@ def build_tiny_model(folder: Path) -> Path:
     return folder
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
     return round(kb / 1024, 1)
-
-
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
 class Server:
