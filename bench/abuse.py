@@ -31,7 +31,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import httpx
-from loopback import CORPUS, free_port, percentile  # noqa: E402  (bench/ is on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported by path (tests)
+from loopback import CORPUS, free_port, percentile  # noqa: E402
 
 KINDS = ("oversized", "huge_int", "bad_json", "big_prompt", "broke", "disconnect", "valid")
 def prepare(folder: Path) -> tuple[Path, Path, str, str, str]:

@@ -31,7 +31,8 @@ from pathlib import Path
 import httpx
 
 from nanoseek.io import atomic_write
-from loopback import CORPUS, free_port, percentile  # noqa: E402  (bench/ is on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported by path (tests)
+from loopback import CORPUS, free_port, percentile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------------------- the trivial backend

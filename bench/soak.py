@@ -39,7 +39,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import httpx
-from loopback import CORPUS, free_port, percentile  # noqa: E402  (bench/ is on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported by path (tests)
+from loopback import CORPUS, free_port, percentile  # noqa: E402
 
 WORDS = "alpha beta gamma delta stack queue tree graph node edge list dict return yield class".split()
 MODEL = "soak"
