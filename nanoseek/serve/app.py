@@ -30,7 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .protocol import ModelCard, ModelList, UserBalance
+from .responses import ModelCard, ModelList, UserBalance
 from .routes_anthropic import register_anthropic_routes
 from .routes_console import register_console_routes
 from .routes_openai import register_openai_routes

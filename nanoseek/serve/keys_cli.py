@@ -128,7 +128,7 @@ def _fail(msg: str) -> int:
 
 
 def _key_dict(k) -> dict:
-    from .protocol import format_money
+    from .pricing import format_money
 
     return {"id": k.id, "name": k.name, "prefix": k.key_prefix, "balance": format_money(k.balance),
             "held": format_money(k.held), "available": format_money(k.available),

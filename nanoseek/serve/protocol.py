@@ -1,12 +1,8 @@
-"""Pydantic v2 schemas of the OpenAI/DeepSeek HTTP API: what clients send and what we answer.
+"""Pydantic v2 schemas of what clients send to the OpenAI/DeepSeek HTTP API, and its error bodies.
 
-    from nanoseek.serve.protocol import ChatCompletionRequest, ChatCompletion, Usage, sse, SSE_DONE
+    from nanoseek.serve.protocol import ChatCompletionRequest, validation_error_body
 
     req = ChatCompletionRequest.model_validate(body)     # unknown fields ignored, bad values raise
-    usage = Usage.from_counts(hit=512, miss=64, output=100)
-    resp = ChatCompletion.build(id="chatcmpl-1", model="demo", text="hi", finish_reason="stop",
-                                usage=usage)
-    yield sse(chunk); yield SSE_DONE                      # Server-Sent Events framing
     body = validation_error_body(exc)                    # 422 body naming the parameter
 
 Requests ignore unknown fields, as OpenAI does; out-of-range values raise a ValidationError that
@@ -14,21 +10,17 @@ Requests ignore unknown fields, as OpenAI does; out-of-range values raise a Vali
 is bounded here (token ids and top_k below 2**31, seed within a torch.Generator's range) and typed
 strictly (`max_tokens: true` is not 1, `"stream": 1` is not true); what depends on the model
 (vocabulary, context) is checked by the engine's `check_request`.
-Responses carry DeepSeek's usage fields (prompt_cache_hit_tokens / prompt_cache_miss_tokens)
-beside OpenAI's prompt_tokens_details.cached_tokens, so both kinds of client read cache hits.
+What we answer is in responses.py.
 """
 
 from __future__ import annotations
 
-import time
-from decimal import Decimal
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .pricing import format_money  # noqa: F401  (re-exported for the app)
+from .responses import ResponseModel
 
-FinishReason = Literal["stop", "length", "content_filter", "tool_calls"]
 MAX_TOOLS = 128
 MAX_STOP = 16
 MAX_N = 16
@@ -46,19 +38,17 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
-class _Response(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 # ---------------------------------------------------------------------------- errors
-class ErrorDetail(_Response):
+class ErrorDetail(ResponseModel):
     message: str
     type: str
     param: str | None = None
     code: str | None = None
 
 
-class ErrorBody(_Response):
+class ErrorBody(ResponseModel):
     error: ErrorDetail
 
 
@@ -299,193 +289,3 @@ class CompletionRequest(_SamplingRequest):
         if isinstance(p[0], int):
             return [list(p)]
         return [list(x) for x in p]
-
-
-# ---------------------------------------------------------------------------- responses
-class PromptTokensDetails(_Response):
-    cached_tokens: int = 0
-
-
-class Usage(_Response):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_cache_hit_tokens: int = 0
-    prompt_cache_miss_tokens: int = 0
-    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
-
-    @classmethod
-    def from_counts(cls, hit: int, miss: int, output: int) -> "Usage":
-        return cls(prompt_tokens=hit + miss, completion_tokens=output, total_tokens=hit + miss + output,
-                   prompt_cache_hit_tokens=hit, prompt_cache_miss_tokens=miss,
-                   prompt_tokens_details=PromptTokensDetails(cached_tokens=hit))
-
-
-class TopLogprob(_Response):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class TokenLogprob(_Response):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
-
-
-class ChoiceLogprobs(_Response):
-    content: list[TokenLogprob] | None = None
-
-
-class ResponseFunctionCall(_Response):
-    name: str
-    arguments: str
-
-
-class ResponseToolCall(_Response):
-    id: str
-    type: Literal["function"] = "function"
-    function: ResponseFunctionCall
-
-
-class AssistantMessage(_Response):
-    role: Literal["assistant"] = "assistant"
-    content: str | None = None
-    reasoning_content: str | None = None
-    tool_calls: list[ResponseToolCall] | None = None
-
-
-class ChatChoice(_Response):
-    index: int
-    message: AssistantMessage
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: FinishReason
-
-
-def _now() -> int:
-    return int(time.time())
-
-
-class ChatCompletion(_Response):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    system_fingerprint: str | None = None
-
-    @classmethod
-    def build(cls, id: str, model: str, text: str, finish_reason: FinishReason, usage: Usage,
-              logprobs: ChoiceLogprobs | None = None) -> "ChatCompletion":
-        choice = ChatChoice(index=0, message=AssistantMessage(content=text), logprobs=logprobs,
-                            finish_reason=finish_reason)
-        return cls(id=id, model=model, choices=[choice], usage=usage)
-
-
-class DeltaFunctionCall(_Response):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class DeltaToolCall(_Response):
-    """A fragment of a streamed tool call: the first one of a call has id, type and name; the rest
-    carry pieces of its arguments, which concatenate to the whole JSON text."""
-
-    index: int
-    id: str | None = None
-    type: Literal["function"] | None = None
-    function: DeltaFunctionCall
-
-
-class Delta(_Response):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    reasoning_content: str | None = None
-    tool_calls: list[DeltaToolCall] | None = None
-
-
-class ChunkChoice(_Response):
-    index: int
-    delta: Delta
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: FinishReason | None = None
-
-
-class ChatCompletionChunk(_Response):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[ChunkChoice]
-    usage: Usage | None = None            # only on the final usage chunk (choices == [])
-    system_fingerprint: str | None = None
-
-
-class CompletionLogprobs(_Response):
-    tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float | None] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
-    text_offset: list[int] = Field(default_factory=list)
-
-
-class CompletionChoice(_Response):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: FinishReason | None = None   # None only inside a stream
-
-
-class Completion(_Response):
-    """Both the whole response and each streamed chunk of /v1/completions."""
-
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
-
-
-class ModelCard(_Response):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(default_factory=_now)
-    owned_by: str = "nanoseek"
-
-
-class ModelList(_Response):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class BalanceInfo(_Response):
-    currency: str
-    total_balance: str
-    granted_balance: str
-    topped_up_balance: str
-
-
-class UserBalance(_Response):
-    """DeepSeek's GET /user/balance: amounts as strings, as DeepSeek sends them."""
-
-    is_available: bool
-    balance_infos: list[BalanceInfo]
-
-    @classmethod
-    def from_available(cls, available: Decimal, currency: str = "USD") -> "UserBalance":
-        amount = format_money(available)
-        return cls(is_available=available > 0,
-                   balance_infos=[BalanceInfo(currency=currency, total_balance=amount,
-                                              granted_balance="0.00", topped_up_balance=amount)])
-
-
-# ---------------------------------------------------------------------------- server-sent events
-SSE_DONE = "data: [DONE]\n\n"
-SSE_KEEP_ALIVE = ": keep-alive\n\n"
-
-
-def sse(event: BaseModel) -> str:
-    return f"data: {event.model_dump_json()}\n\n"

@@ -20,7 +20,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from .protocol import MAX_INT, MAX_STOP, MAX_TOOLS, Bool, Float, FunctionName, Int, _Request, _Response
+from .protocol import MAX_INT, MAX_STOP, MAX_TOOLS, Bool, Float, FunctionName, Int, _Request
+from .responses import ResponseModel
 
 # status -> Anthropic's error type; a full queue is their 529 "overloaded", a validation error 400
 ERROR_TYPES = {
@@ -142,12 +143,12 @@ class MessagesRequest(_Request):
 
 
 # ---------------------------------------------------------------------------- responses
-class TextBlock(_Response):
+class TextBlock(ResponseModel):
     type: Literal["text"] = "text"
     text: str
 
 
-class ToolUseBlock(_Response):
+class ToolUseBlock(ResponseModel):
     type: Literal["tool_use"] = "tool_use"
     id: str
     name: str
@@ -157,14 +158,14 @@ class ToolUseBlock(_Response):
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
 
 
-class AnthropicUsage(_Response):
+class AnthropicUsage(ResponseModel):
     input_tokens: int
     output_tokens: int
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
 
 
-class Message(_Response):
+class Message(ResponseModel):
     id: str
     type: Literal["message"] = "message"
     role: Literal["assistant"] = "assistant"
@@ -176,54 +177,54 @@ class Message(_Response):
 
 
 # ---------------------------------------------------------------------------- stream events
-class MessageStart(_Response):
+class MessageStart(ResponseModel):
     type: Literal["message_start"] = "message_start"
     message: Message
 
 
-class BlockStart(_Response):
+class BlockStart(ResponseModel):
     type: Literal["content_block_start"] = "content_block_start"
     index: int
     content_block: TextBlock | ToolUseBlock
 
 
-class TextDelta(_Response):
+class TextDelta(ResponseModel):
     type: Literal["text_delta"] = "text_delta"
     text: str
 
 
-class InputJsonDelta(_Response):
+class InputJsonDelta(ResponseModel):
     type: Literal["input_json_delta"] = "input_json_delta"
     partial_json: str
 
 
-class BlockDelta(_Response):
+class BlockDelta(ResponseModel):
     type: Literal["content_block_delta"] = "content_block_delta"
     index: int
     delta: TextDelta | InputJsonDelta
 
 
-class BlockStop(_Response):
+class BlockStop(ResponseModel):
     type: Literal["content_block_stop"] = "content_block_stop"
     index: int
 
 
-class StopDelta(_Response):
+class StopDelta(ResponseModel):
     stop_reason: StopReason | None
     stop_sequence: str | None = None
 
 
-class MessageDelta(_Response):
+class MessageDelta(ResponseModel):
     type: Literal["message_delta"] = "message_delta"
     delta: StopDelta
     usage: AnthropicUsage          # the whole request's, final
 
 
-class MessageStop(_Response):
+class MessageStop(ResponseModel):
     type: Literal["message_stop"] = "message_stop"
 
 
-class Ping(_Response):
+class Ping(ResponseModel):
     type: Literal["ping"] = "ping"
 
 

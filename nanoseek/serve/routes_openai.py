@@ -27,11 +27,11 @@ from .backends import BackendError
 from .core import (Job, admit, authenticate_generation, chat_prompt_ids, check_grammar, check_model,
                    check_prompt_chars, check_request, close_job, default_max_tokens, generate, make_sampling_params,
                    new_id, off_loop, parse_body, read_json)
-from .protocol import (SSE_DONE, SSE_KEEP_ALIVE, AssistantMessage, ChatChoice, ChatCompletion,
-                       ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs, ChunkChoice, Completion,
-                       CompletionChoice, CompletionLogprobs, CompletionRequest, Delta, DeltaFunctionCall,
-                       DeltaToolCall, ResponseFunctionCall, ResponseToolCall, TokenLogprob, TopLogprob, Usage,
-                       error_for_status, sse)
+from .protocol import ChatCompletionRequest, CompletionRequest, error_for_status
+from .responses import (SSE_DONE, SSE_KEEP_ALIVE, AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk,
+                        ChoiceLogprobs, ChunkChoice, Completion, CompletionChoice, CompletionLogprobs, Delta,
+                        DeltaFunctionCall, DeltaToolCall, ResponseFunctionCall, ResponseToolCall, TokenLogprob,
+                        TopLogprob, Usage, sse)
 from .state import ApiError, ServeState
 from .tools import ToolStream, check_tools, new_call_id, parse_output, schema_params, tool_grammar
 from .whole import engine_failure_message, whole_reply

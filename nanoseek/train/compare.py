@@ -27,7 +27,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nanoseek.io import atomic_path, atomic_write
+from nanoseek.io import atomic_write
+from nanoseek.train.plot import save_png
+from nanoseek.train.runs import experiment_run
 
 GOAL_FRACTION = 0.6  # the issue's target: MLA+MoE matches dense's final val loss with <= 60% of its FLOPs
 FRACTIONS = (0.25, 0.5, 1.0)  # of the common FLOPs, for "val loss at equal FLOPs"
@@ -193,18 +195,13 @@ def plot(summary: dict, curves: dict[str, list[tuple[float, float]]], train: dic
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 # ---------------------------------------------------------------------- the runs
 def train_configs(cc: CompareConfig) -> dict[str, "object"]:
     """The two TrainConfigs: same data, batch, schedule shape and seed; steps from the FLOP budget."""
     from nanoseek.config import ConfigError, ModelConfig
-    from nanoseek.train.config import TrainConfig
 
     cfgs = {}
     for name, path in zip(NAMES, (cc.dense_config, cc.moe_config)):
@@ -222,12 +219,9 @@ def train_configs(cc: CompareConfig) -> dict[str, "object"]:
     out = {}
     for name, path in zip(NAMES, (cc.dense_config, cc.moe_config)):
         steps = steps_for_budget(budget, fpt[name], tokens_per_step)
-        out[name] = TrainConfig(
-            model_config=str(path), data=cc.data, out=str(Path(cc.out) / name), seed=cc.seed,
-            batch_size=cc.batch_size, seq_len=cc.seq_len, max_steps=steps, lr=cc.lr,
-            warmup_steps=min(cc.warmup_steps, steps), eval_every=max(1, steps // cc.evals),
-            eval_batches=cc.eval_batches, checkpoint_every=0, keep_checkpoints=1, threads=cc.threads,
-            peak_flops=cc.peak_flops, progress=cc.progress, mtp_depth=0)
+        out[name] = experiment_run(cc, model_config=path, data=cc.data, out=Path(cc.out) / name, seed=cc.seed,
+                                   steps=steps, warmup_steps=min(cc.warmup_steps, steps)
+                                   ).replace(progress=cc.progress)
     return {"models": cfgs, "train": out, "budget": budget}
 
 

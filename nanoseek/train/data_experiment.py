@@ -33,7 +33,8 @@ from pathlib import Path
 
 from nanoseek.io import atomic_path, atomic_write
 from nanoseek.train.compare import flops_to_reach
-from nanoseek.train.runs import curve_of, run_many
+from nanoseek.train.plot import save_png
+from nanoseek.train.runs import curve_of, experiment_run, run_many
 
 VARIANTS = ("raw", "dedup", "quality", "curated")  # curation stages on: (dedup, quality)
 STAGES = {"raw": (False, False), "dedup": (True, False), "quality": (False, True), "curated": (True, True)}
@@ -234,27 +235,18 @@ def plot(result: dict, curves: dict[str, list[list[tuple[int, float]]]], path: P
     ax.set_title("the same model and steps on site-packages code: raw vs each curation stage")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 # ---------------------------------------------------------------------- the runs
 def train_configs(cfg: DataExperimentConfig) -> dict:
-    from nanoseek.train.config import TrainConfig
-
     runs = {}
     for seed in range(cfg.seeds):  # seed-major, as in sweep.py
         for variant in VARIANTS:
-            runs[(variant, seed)] = TrainConfig(
-                model_config=cfg.model_config, data=str(Path(cfg.out) / "datasets" / variant),
-                out=str(Path(cfg.out) / "runs" / f"{variant}-s{seed}"), seed=seed, batch_size=cfg.batch_size,
-                seq_len=cfg.seq_len, max_steps=cfg.steps, lr=cfg.lr,
-                warmup_steps=round(cfg.warmup_fraction * cfg.steps), eval_every=max(1, cfg.steps // cfg.evals),
-                eval_batches=cfg.eval_batches, checkpoint_every=0, keep_checkpoints=1, threads=cfg.threads,
-                peak_flops=cfg.peak_flops, progress=False, mtp_depth=0)
+            runs[(variant, seed)] = experiment_run(
+                cfg, model_config=cfg.model_config, data=Path(cfg.out) / "datasets" / variant,
+                out=Path(cfg.out) / "runs" / f"{variant}-s{seed}", seed=seed, steps=cfg.steps,
+                warmup_steps=round(cfg.warmup_fraction * cfg.steps))
     return runs
 
 

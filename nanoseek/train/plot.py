@@ -69,8 +69,16 @@ def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike | None = Non
     if x == "flops":
         for ax in axes.flat:
             ax.set_xscale("log")
+    return save_png(fig, out)
+
+
+def save_png(fig, path: str | os.PathLike) -> Path:
+    """Lay out `fig`, write it as a PNG atomically (temp + rename) and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
     fig.tight_layout()
-    with atomic_path(out) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    return out
+    return path

@@ -1,5 +1,6 @@
 """Many trainer runs as one resumable job, for the comparison experiments (sweep.py, data_experiment.py).
 
+    tcfg = experiment_run(cfg, model_config=..., data=..., out=..., seed=0, steps=96, warmup_steps=10)
     wall = run_many({key: TrainConfig, ...}, progress=True, desc="compute")   # trains what is missing
     curve = curve_of(run_dir)          # [(flops, tokens, val loss)] of one run's validations
 
@@ -16,6 +17,19 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+
+
+def experiment_run(cfg, *, model_config: str, data: str, out: str, seed: int, steps: int, warmup_steps: int):
+    """The TrainConfig of one experiment run: `cfg` (an experiment's config) gives the batch, sequence
+    length, learning rate, evaluations, threads and peak FLOP/s; a run keeps one checkpoint (for resume),
+    no MTP, and shows no progress bar of its own (run_many shows the experiment's)."""
+    from nanoseek.train.config import TrainConfig
+
+    return TrainConfig(model_config=str(model_config), data=str(data), out=str(out), seed=seed,
+                       batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_steps=steps, lr=cfg.lr,
+                       warmup_steps=warmup_steps, eval_every=max(1, steps // cfg.evals),
+                       eval_batches=cfg.eval_batches, checkpoint_every=0, keep_checkpoints=1, threads=cfg.threads,
+                       peak_flops=cfg.peak_flops, progress=False, mtp_depth=0)
 
 
 def curve_of(run_dir: str | Path) -> list[tuple[float, int, float]]:

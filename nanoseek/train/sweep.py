@@ -28,9 +28,10 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nanoseek.io import atomic_path, atomic_write
+from nanoseek.io import atomic_write
 from nanoseek.train.compare import flops_to_reach, model_facts, steps_for_budget
-from nanoseek.train.runs import curve_of, run_many
+from nanoseek.train.plot import save_png
+from nanoseek.train.runs import curve_of, experiment_run, run_many
 
 MODELS = ("dense", "llama_moe", "mla_moe")
 LABELS = {"dense": "dense (GQA + SwiGLU)", "llama_moe": "Llama+MoE (GQA + MoE)", "mla_moe": "MLA+MoE"}
@@ -152,18 +153,13 @@ def plot(result: dict, curves: dict[str, list[list[tuple[float, float]]]], path:
     ax.set_title("val loss vs training FLOPs; thin: every run's evaluations, thick: final loss per budget")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 # ---------------------------------------------------------------------- the runs
 def train_configs(sc: SweepConfig) -> dict:
     """{(model, budget, seed): TrainConfig}, the model configs, and the full budget in FLOPs."""
     from nanoseek.config import ConfigError, ModelConfig
-    from nanoseek.train.config import TrainConfig
 
     paths = {"dense": sc.dense_config, "llama_moe": sc.llama_moe_config, "mla_moe": sc.moe_config}
     cfgs = {}
@@ -184,12 +180,9 @@ def train_configs(sc: SweepConfig) -> dict:
         for name in MODELS:
             for b in sc.budgets:
                 steps = steps_for_budget(b * full, facts[name]["train_flops_per_token"], tokens_per_step)
-                runs[(name, b, seed)] = TrainConfig(
-                    model_config=str(paths[name]), data=sc.data,
-                    out=str(Path(sc.out) / f"{name}-b{b:g}-s{seed}"), seed=seed, batch_size=sc.batch_size,
-                    seq_len=sc.seq_len, max_steps=steps, lr=sc.lr, warmup_steps=round(sc.warmup_fraction * steps),
-                    eval_every=max(1, steps // sc.evals), eval_batches=sc.eval_batches, checkpoint_every=0,
-                    keep_checkpoints=1, threads=sc.threads, peak_flops=sc.peak_flops, progress=False, mtp_depth=0)
+                runs[(name, b, seed)] = experiment_run(
+                    sc, model_config=paths[name], data=sc.data, out=Path(sc.out) / f"{name}-b{b:g}-s{seed}",
+                    seed=seed, steps=steps, warmup_steps=round(sc.warmup_fraction * steps))
     return {"runs": runs, "facts": facts, "budget": full}
 
 

@@ -12,11 +12,11 @@ from openai.types.chat import ChatCompletion as OaiChatCompletion
 from openai.types.chat import ChatCompletionChunk as OaiChatCompletionChunk
 from pydantic import ValidationError
 
-from nanoseek.serve.protocol import (SSE_DONE, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-                                     ChoiceLogprobs, ChunkChoice, Completion, CompletionChoice,
-                                     CompletionRequest, Delta, ModelCard, ModelList, TokenLogprob,
-                                     TopLogprob, Usage, UserBalance, error_body, format_money, sse,
-                                     validation_error_body)
+from nanoseek.serve.pricing import format_money
+from nanoseek.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body, validation_error_body
+from nanoseek.serve.responses import (SSE_DONE, ChatCompletion, ChatCompletionChunk, ChoiceLogprobs, ChunkChoice,
+                                      Completion, CompletionChoice, Delta, ModelCard, ModelList, TokenLogprob,
+                                      TopLogprob, Usage, UserBalance, sse)
 
 
 def chat(**kw):
