@@ -180,16 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             proc, url, key = start_server(args.model, Path(tmp), args.serve_args.split())
         try:
-            model = args.model_name or httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}
-                                                 ).json()["data"][0]["id"]
-            context = None
+            card = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"][0]
+            context = card.get("max_model_len")  # None from a server that does not say (a gateway)
+            model = args.model_name or card["id"]
             # the shared prompt must leave room for the user message and max_tokens in the context
-            probe = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=600,
-                               json={"model": model, "max_tokens": 100_000,
-                                     "messages": [{"role": "user", "content": "x"}]}).json()
-            msg = probe.get("error", {}).get("message", "")
-            if "context is " in msg:
-                context = int(msg.split("context is ")[1].split()[0])
             shared = args.shared_tokens if context is None else min(args.shared_tokens, context - args.max_tokens - 64)
             rows = {}
             for name, system in (("distinct", None), (f"shared {shared}-token prefix",

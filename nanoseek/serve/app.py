@@ -102,7 +102,9 @@ def create_app(state: ServeState, console: bool = True) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return ModelList(data=[ModelCard(id=state.model_name, created=int(state.started))]).model_dump()
+        context = None if state.llm is None else state.llm.max_model_len
+        return ModelList(data=[ModelCard(id=state.model_name, created=int(state.started),
+                                         max_model_len=context)]).model_dump(exclude_none=True)
 
     @app.get("/v1/pricing")
     async def pricing():

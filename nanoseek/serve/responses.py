@@ -182,6 +182,7 @@ class ModelCard(ResponseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=_now)
     owned_by: str = "nanoseek"
+    max_model_len: int | None = None  # the context in tokens (vLLM's field); None on a gateway
 
 
 class ModelList(ResponseModel):

@@ -199,7 +199,9 @@ def test_n_choices_seed_and_logprobs_on_chat(live, funded):
 def test_models_balance_pricing_health_metrics(live, funded, sheet):
     _, secret = funded
     client = live.client(secret)
-    assert [m.id for m in client.models.list()] == [MODEL]
+    cards = client.models.list().data
+    assert [m.id for m in cards] == [MODEL]
+    assert cards[0].max_model_len == live.state.llm.max_model_len > 0  # the context, as vLLM reports it
     chat(client, max_tokens=3)
     h = {"Authorization": f"Bearer {secret}"}
     bal = httpx.get(live.url + "/v1/user/balance", headers=h).json()
