@@ -13,12 +13,17 @@ padding keys of real rows are masked by their sequence lengths, so padding never
 Compilation happens once per bucket, at most `max_buckets` of them (then the step runs eagerly);
 Inductor keeps its generated code in its on-disk cache (TORCHINDUCTOR_CACHE_DIR), so a restart on
 the same host reuses it. enforce_eager (LLMEngine / --enforce-eager) turns all of this off.
+Each bucket's step has a code object of its own: Dynamo keeps compiled entries per code object and
+stops compiling one after 8 entries (then runs it eagerly, silently), so buckets sharing one code
+object fell back to eager from the ninth (bucket x context x thread count) on. Compiled code is also
+guarded on the thread count, so LLMEngine keeps the thread count fixed when it compiles.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import types
 
 import torch
 
@@ -49,6 +54,13 @@ def context_bucket(num_blocks: int) -> int:
     return 1 << max(0, (num_blocks - 1).bit_length())
 
 
+def own_code(fn, name: str):
+    """fn (a closure) with a code object of its own named `name`: Dynamo's cache of compiled entries,
+    and its limit on them, are per code object."""
+    return types.FunctionType(fn.__code__.replace(co_name=name, co_qualname=name), fn.__globals__, name,
+                              fn.__defaults__, fn.__closure__)
+
+
 class CompiledDecode:
     def __init__(self, model, cache: PagedKVCache, backend, max_num_seqs: int, max_buckets: int = 16,
                  compile_backend: str = "inductor"):
@@ -77,6 +89,7 @@ class CompiledDecode:
         # on CUDA, "reduce-overhead" replays the step as a CUDA graph over these same buffers
         # (UNTESTED HERE: no GPU in this project's CI)
         mode = "reduce-overhead" if dev.type == "cuda" and self.compile_backend == "inductor" else None
+        step = own_code(step, f"decode_step_b{B}_n{nb}")
         fn = torch.compile(step, backend=self.compile_backend, mode=mode, dynamic=False, fullgraph=False)
         return bufs, fn
 

@@ -117,8 +117,9 @@ class LLMEngine:
                  attention_backend: str = "auto", enforce_eager: bool = True,
                  decode_threads: int | str | None = "auto"):
         """decode_threads: intra-op threads of decode steps: "auto" measures the process's count
-        against 1 on the live steps and keeps the faster (nanoseek.engine.threads), an int fixes it,
-        None leaves torch's setting alone."""
+        against 1 on the live steps and keeps the faster (nanoseek.engine.threads; not with
+        enforce_eager=False, since compiled code is guarded on the thread count and each switch would
+        recompile), an int fixes it, None leaves torch's setting alone."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = self.config = model.config
@@ -155,13 +156,14 @@ class LLMEngine:
         self.decode_step = None
         if not enforce_eager:
             self.decode_step = CompiledDecode(model, self.cache, self.backend, max_num_seqs)
-        self.decode_threads = None
-        if decode_threads == "auto" and device.type == "cpu" and torch.get_num_threads() > 1:
-            self.decode_threads = DecodeThreads([torch.get_num_threads(), 1])
-        elif isinstance(decode_threads, int) and not isinstance(decode_threads, bool):
-            self.decode_threads = DecodeThreads([decode_threads])
-        elif decode_threads not in ("auto", None):
+        if not (decode_threads in ("auto", None) or type(decode_threads) is int and decode_threads >= 1):
             raise ValueError(f"decode_threads={decode_threads!r} must be 'auto', an integer >= 1 or None")
+        self.decode_threads = None  # also when compiled: compiled code is guarded on the thread count
+        if isinstance(decode_threads, int):
+            self.decode_threads = DecodeThreads([decode_threads])
+        elif decode_threads == "auto" and self.decode_step is None and device.type == "cpu" \
+                and torch.get_num_threads() > 1:
+            self.decode_threads = DecodeThreads([torch.get_num_threads(), 1])
         self.runner = ModelRunner(model, self.cache, self.backend, self.disk, decode_step=self.decode_step,
                                   threads=self.decode_threads)
         self._requests: dict[str, RequestOutput] = {}

@@ -96,7 +96,7 @@ class ModelRunner:
         cfg = self.model.config
         absorb = cfg.is_mla and prefer_absorbed(cfg, T)
         tables = [(s.seq.block_table, s.start) for s in items]
-        if self.decode_step is not None and not packed and absorb:
+        if self.decode_step is not None and T == 1 and absorb:  # a decode step, B = 1 included
             logits = self.decode_step(ids, tables, rows or [0])  # [n, V]
             return logits, [items[i].seq for i in rows]
         meta = self.cache.metadata(self.backend, tables, num_new=T, absorb=absorb)

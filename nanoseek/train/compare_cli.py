@@ -3,6 +3,7 @@ data_experiment.py).
 
     nanoseek compare --data runs/data --out runs/compare                        # one budget, one seed
     nanoseek compare --experiment compute --data runs/data --out runs/compare   # the budget sweep, 3 seeds
+    nanoseek compare --experiment all --workers 2 --threads 1 --data runs/data --out runs/compare  # 2 cores
     nanoseek compare --experiment data --data runs/data --out runs/compare      # raw vs curated site-packages
     nanoseek compare --experiment all --quick --out runs/compare-quick          # both, smoke-test size
 
@@ -62,6 +63,9 @@ def register(subparsers) -> None:
                         "curated site-packages code; all: both (default: the one-budget comparison)")
     x.add_argument("--quick", action="store_true", help="smoke-test sizes (minutes, not an hour)")
     x.add_argument("--seeds", type=int, default=None, help="seeds per point (default 3; --quick: 2)")
+    x.add_argument("--workers", type=int, default=None,
+                   help="runs trained at once, each in its own process with cpu_count / workers threads unless "
+                        "--threads says (default 1; on 2 cores, --workers 2 --threads 1 is the fastest layout)")
     x.add_argument("--llama-moe-config", default=None, help="the GQA + MoE model config "
                                                             "(default configs/compare-llama-moe.json)")
     x.add_argument("--corpus", default=None, help="the raw corpus folder (default: this Python's site-packages)")
@@ -91,7 +95,7 @@ def experiment_configs(args: argparse.Namespace) -> dict:
     if args.experiment in ("compute", "all"):
         sc = SweepConfig(out=str(out / "compute"))
         sc = quick_sweep(sc) if args.quick else sc
-        extra = {"seeds": args.seeds, "llama_moe_config": args.llama_moe_config}
+        extra = {"seeds": args.seeds, "llama_moe_config": args.llama_moe_config, "workers": args.workers}
         cfgs["compute"] = dataclasses.replace(sc, **shared, **{k: v for k, v in extra.items() if v is not None})
     if args.experiment in ("data", "all"):
         dc = DataExperimentConfig(out=str(out / "data"))
@@ -99,7 +103,8 @@ def experiment_configs(args: argparse.Namespace) -> dict:
         given = {k: v for k, v in shared.items() if k not in ("dense_config", "moe_config", "dense_steps")}
         if "moe_config" in shared:
             given["model_config"] = shared["moe_config"]
-        extra = {"seeds": args.seeds, "corpus": args.corpus, "corpus_mb": args.corpus_mb, "steps": args.data_steps}
+        extra = {"seeds": args.seeds, "corpus": args.corpus, "corpus_mb": args.corpus_mb, "steps": args.data_steps,
+                 "workers": args.workers}
         cfgs["data"] = dataclasses.replace(dc, **given, **{k: v for k, v in extra.items() if v is not None})
     return cfgs
 

@@ -56,11 +56,12 @@ class DataExperimentConfig:
     evals: int = 4
     eval_batches: int = 8
     threads: int = 0
+    workers: int = 1  # runs trained at once, each in its own process (runs.run_many)
     peak_flops: float = 1e11
     progress: bool = True
 
     def validate(self) -> None:
-        for name in ("steps", "seeds", "batch_size", "seq_len", "evals", "eval_batches"):
+        for name in ("steps", "seeds", "batch_size", "seq_len", "evals", "eval_batches", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.corpus_mb <= 0:
@@ -257,7 +258,7 @@ def data_experiment(cfg: DataExperimentConfig) -> dict:
         raise FileNotFoundError(f"model config {cfg.model_config} does not exist")
     datasets = prepare_datasets(cfg)
     runs = train_configs(cfg)
-    wall = run_many(runs, progress=cfg.progress, desc="data")
+    wall = run_many(runs, progress=cfg.progress, workers=cfg.workers, desc="data")
     curves: dict[str, list[list[tuple[int, float]]]] = {}
     for (variant, _), tcfg in sorted(runs.items(), key=lambda kv: (VARIANTS.index(kv[0][0]), kv[0][1])):
         curves.setdefault(variant, []).append([(t, v) for _, t, v in curve_of(tcfg.out)])

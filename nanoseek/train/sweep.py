@@ -54,11 +54,12 @@ class SweepConfig:
     evals: int = 4  # validations per run (evenly spaced, and at the end)
     eval_batches: int = 8
     threads: int = 0
+    workers: int = 1  # runs trained at once, each in its own process (runs.run_many)
     peak_flops: float = 1e11  # only for the MFU column of the metrics; a constant skips the probe
     progress: bool = True
 
     def validate(self) -> None:
-        for name in ("seeds", "dense_steps", "batch_size", "seq_len", "evals", "eval_batches"):
+        for name in ("seeds", "dense_steps", "batch_size", "seq_len", "evals", "eval_batches", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not self.budgets or any(not 0 < b <= 1 for b in self.budgets) or 1.0 not in self.budgets:
@@ -191,7 +192,7 @@ def compute_experiment(sc: SweepConfig) -> dict:
     sc.validate()
     plan = train_configs(sc)
     out = Path(sc.out)
-    wall = run_many(plan["runs"], progress=sc.progress, desc="compute")
+    wall = run_many(plan["runs"], progress=sc.progress, workers=sc.workers, desc="compute")
     finals: dict[str, dict[float, list[tuple[float, float]]]] = {}
     curves: dict[str, list[list[tuple[float, float]]]] = {}
     for (name, b, seed), tcfg in sorted(plan["runs"].items()):

@@ -22,20 +22,22 @@ def run(engine, prompts):
     reqs = [engine.add_request(f"r{i}", {"prompt_token_ids": p}, params) for i, p in enumerate(prompts)]
     while engine.has_unfinished_requests():
         engine.step()
+    assert [r.error for r in reqs] == [None] * len(reqs)  # the engine fails a request rather than raise
     return [(r.outputs[0].token_ids, r.outputs[0].logprobs) for r in reqs]
 
 
-def compare(compile_backend: str, tol: float):
+def compare(compile_backend: str, tol: float, lengths=(5, 9, 13), bucket=(4, 4)):
     model = build_model(tiny_v2(eos_token_id=None), seed=3).eval()
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(2, 96, (n,), generator=g).tolist() for n in (5, 9, 13)]  # B = 3
+    prompts = [torch.randint(2, 96, (n,), generator=g).tolist() for n in lengths]  # B = 3
     kw = dict(block_size=4, num_blocks=64, max_num_seqs=4, attention_backend="cpu")
     want = run(LLMEngine(model, **kw), prompts)
     engine = LLMEngine(model, **kw)
     step = CompiledDecode(model, engine.cache, engine.backend, max_num_seqs=4, compile_backend=compile_backend)
     engine.runner.decode_step = step
     got = run(engine, prompts)
-    assert (4, 4) in step.graphs and step.eager_steps == 0  # B = 3 ran in the batch bucket of 4
+    assert bucket in step.graphs and step.eager_steps == 0  # e.g. B = 3 ran in the batch bucket of 4
+    assert set(step.compile_seconds) == set(step.graphs)  # every built bucket was called
     for (tokens, lps), (ref_tokens, ref_lps) in zip(got, want):
         assert tokens == ref_tokens
         for a, b in zip(lps, ref_lps):
@@ -45,6 +47,27 @@ def compare(compile_backend: str, tol: float):
 def test_padded_bucket_traced_by_dynamo_equals_eager():
     """torch.compile's graph capture (Dynamo, no code generation): B = 3 padded to 4 gives B = 3's tokens."""
     compare("eager", 1e-6)
+
+
+def test_each_bucket_compiles_under_its_own_recompile_limit():
+    """Buckets used to share one code object, and so Dynamo's limit of 8 compiled entries: the ninth
+    (bucket, context, thread count) ran eagerly without a word. With a limit of 1 that fails loudly,
+    two buckets still compile; and a compiling engine does not switch thread counts."""
+    model = build_model(tiny_v2(eos_token_id=None), seed=3).eval()
+    engine = LLMEngine(model, block_size=4, num_blocks=64, max_num_seqs=4, attention_backend="cpu",
+                       enforce_eager=False)
+    assert engine.decode_threads is None
+    engine.decode_step.compile_backend = "eager"
+    g = torch.Generator().manual_seed(0)
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        run(engine, [torch.randint(2, 96, (n,), generator=g).tolist() for n in (5, 9, 13)])  # batch bucket 4
+        run(engine, [torch.randint(2, 96, (9,), generator=g).tolist()])  # batch bucket 1
+    assert {(4, 4), (1, 4)} <= set(engine.decode_step.graphs) and engine.decode_step.eager_steps == 0
+
+
+def test_one_sequence_decodes_through_the_compiled_step():
+    """B = 1 is a decode step too (it once took the eager path as a one-sequence 'packed' group)."""
+    compare("eager", 1e-6, lengths=(9,), bucket=(1, 4))
 
 
 @pytest.mark.slow

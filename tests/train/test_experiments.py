@@ -141,7 +141,7 @@ def test_compare_all_quick_end_to_end_and_resumable(tmp_path):
     files = [str(p) for p in default_corpus_files()[:120]]
     prepare(files, tmp_path / "data", vocab_size=1024, val_fraction=0.1, progress=False)
     cmd = [sys.executable, "-m", "nanoseek", "compare", "--experiment", "all", "--quick", "--data",
-           str(tmp_path / "data"), "--out", str(tmp_path / "cmp"), "--no-progress", "--threads", "2"]
+           str(tmp_path / "data"), "--out", str(tmp_path / "cmp"), "--no-progress", "--threads", "1", "--workers", "2"]
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200)
     assert first.returncode == 0, first.stderr[-3000:]
     compute = json.loads((tmp_path / "cmp/compute/compute.json").read_text())
@@ -161,3 +161,24 @@ def test_compare_all_quick_end_to_end_and_resumable(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "cmp/compute/compute.json").read_text())["wall_s"] == {}
     assert json.loads((tmp_path / "cmp/data/data.json").read_text())["curves"] == data["curves"]
+
+
+def test_run_many_in_parallel_workers_equals_one_at_a_time(tmp_path):
+    """Two runs trained by two spawned workers log the same losses as the same runs trained in this
+    process one after the other; finished runs are then reused, not trained again."""
+    from nanoseek.train.runs import curve_of, run_many
+    from tests.conftest import tiny_v2
+    from tests.train.helpers import losses, make_data, run_config
+
+    data = make_data(tmp_path / "data")
+    results = {}
+    for workers in (1, 2):
+        runs = {seed: run_config(tmp_path / f"w{workers}" / f"s{seed}", tiny_v2(), data, seed=seed, max_steps=6,
+                                 eval_every=3, checkpoint_every=0, keep_checkpoints=1)
+                for seed in range(2)}
+        wall = run_many(runs, progress=False, workers=workers)
+        assert sorted(wall) == sorted(r.out for r in runs.values())
+        results[workers] = [(losses(r.out), curve_of(r.out)) for r in runs.values()]
+        assert not list((tmp_path / f"w{workers}").rglob("trainer_state.pt"))  # checkpoints gone once finished
+        assert run_many(runs, progress=False, workers=workers) == {}  # all finished: nothing trains
+    assert results[2] == results[1] and results[1][0] != results[1][1]  # seeds differ, workers do not
