@@ -142,13 +142,13 @@ def _train_parallel(todo: list, workers: int, wall: dict, bar) -> None:
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"))
-    pending = {pool.submit(train_one, tcfg): Path(tcfg.out).name for tcfg in todo}
+    pending = {pool.submit(train_one, tcfg) for tcfg in todo}
+    bar.set_postfix_str(f"{workers} at a time")  # (a future counts as running once queued: no names)
     try:
         while pending:
-            bar.set_postfix_str(", ".join(name for f, name in pending.items() if f.running()))
-            done, _ = wait(pending, timeout=5.0, return_when=FIRST_COMPLETED)
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for f in done:
-                del pending[f]
+                pending.discard(f)
                 _finish(f.result(), wall, bar)
     finally:  # an interrupted or failed run: cancel what has not started, let the running ones save
         pool.shutdown(wait=True, cancel_futures=True)
