@@ -182,3 +182,36 @@ def test_run_many_in_parallel_workers_equals_one_at_a_time(tmp_path):
         assert not list((tmp_path / f"w{workers}").rglob("trainer_state.pt"))  # checkpoints gone once finished
         assert run_many(runs, progress=False, workers=workers) == {}  # all finished: nothing trains
     assert results[2] == results[1] and results[1][0] != results[1][1]  # seeds differ, workers do not
+
+
+@pytest.mark.slow
+def test_compare_workers_ctrl_c_saves_and_the_rerun_matches_an_uninterrupted_one(tmp_path):
+    """Ctrl-C (SIGINT to the process group) during `compare --workers 2`: the running workers' trainers
+    save, the command exits 130; the rerun resumes and its curves equal an uninterrupted sweep's."""
+    import os
+    import signal
+    import time
+
+    from tests.train.helpers import make_data
+
+    data = make_data(tmp_path / "data", vocab_size=64, train_tokens=200_000)
+
+    def cmd(out):
+        return [sys.executable, "-m", "nanoseek", "compare", "--experiment", "compute", "--quick", "--data", str(data),
+                "--out", str(out), "--no-progress", "--workers", "2", "--threads", "1"]
+
+    proc = subprocess.Popen(cmd(tmp_path / "cut"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not any(len(p.read_text().splitlines()) >= 3 for p in (tmp_path / "cut").rglob("metrics.jsonl")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and b"SIGINT: saved step" in out + err, err[-3000:]
+    resumed = subprocess.run(cmd(tmp_path / "cut"), capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = subprocess.run(cmd(tmp_path / "straight"), capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    got, want = (json.loads((tmp_path / d / "compute/compute.json").read_text()) for d in ("cut", "straight"))
+    assert got["curves"] == want["curves"] and got["match"] == want["match"]
