@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 
-def experiment_run(cfg, *, model_config: str, data: str, out: str, seed: int, steps: int, warmup_steps: int):
+def experiment_run(cfg, *, model_config: str | Path, data: str | Path, out: str | Path, seed: int, steps: int,
+                   warmup_steps: int):
     """The TrainConfig of one experiment run: `cfg` (an experiment's config) gives the batch, sequence
     length, learning rate, evaluations, threads and peak FLOP/s; a run keeps one checkpoint (for resume),
     no MTP, and shows no progress bar of its own (run_many shows the experiment's)."""
