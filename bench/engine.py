@@ -9,7 +9,9 @@ hits, and continuous batching — side by side in one run on one checkpoint.
 Model: configs/bench-v2-small.json with random weights, saved once and loaded by both engines.
 Decode throughput excludes prefill: nanoseek's B x 64 tokens over the time from the last request's
 first token to the end of the run, transformers' (time to generate 65 tokens - time to generate 1);
-fresh random prompts each time, so no cache helps either side.
+fresh random prompts each time, so no cache helps either side. With llama-cpp-python and gguf
+installed (`.venv/bin/pip install llama-cpp-python gguf`, a 10-20 min build), the decode table adds
+llama.cpp with its defaults on the same weights, exported by bench/llamacpp.py, same prompts, same run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+import llamacpp  # bench/llamacpp.py: the llama.cpp anchor, when llama-cpp-python is installed
 from nanoseek.config import ModelConfig
 from nanoseek.engine.kv_cache import PagedKVCache
 from nanoseek.engine.llm import LLMEngine
@@ -70,15 +73,23 @@ def load() -> str:
     return "load %.1f %.1f %.1f" % os.getloadavg()
 
 
-def bench_decode(ours, theirs, cfg, seed=0, compiled=False):
+def bench_decode(ours, theirs, cfg, seed=0, compiled=False, gguf_path: Path | None = None):
     print(f"\n## Decode: nanoseek LLMEngine vs transformers generate (greedy, 512-token prompts) — {load()}\n")
     warm = LLMEngine(ours, num_blocks=200, max_num_seqs=8)
     print(f"attention backend: {warm.backend.name} "
           f"({', '.join(f'{k} {v * 1e6:.0f} us' for k, v in warm.backend_timings.items())})")
     print("```\n" + format_report(warm.kernel_report) + "\n```\n")
+    lcpp = None
+    if gguf_path is not None:  # llama.cpp with its defaults (flash attention, f16 KV cache): bench/llamacpp.py
+        from llamacpp import LlamaCpp, decode_tps, parity
+
+        lcpp = LlamaCpp(gguf_path, flash_attn=True)
+        diff, same = parity(lcpp, ours, random_prompts(1, 64, cfg.vocab_size, 1)[0])
+        print(f"llama.cpp {lcpp.version} on the same weights: max logit diff {diff:.1e}, same argmax {same}")
     print("| batch | transformers decode tok/s | nanoseek decode tok/s | speedup | transformers end-to-end s "
-          "| nanoseek end-to-end s | same greedy tokens | nanoseek fraction of 250 tok/s bandwidth cap |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| nanoseek end-to-end s | same greedy tokens | nanoseek fraction of 250 tok/s bandwidth cap "
+          "| llama.cpp decode tok/s | nanoseek / llama.cpp |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for B in (1, 8):
         p1, p65, p65b = (random_prompts(B, PROMPT_LEN, cfg.vocab_size, seed + k) for k in (1, 2, 3))
         run_engine(LLMEngine(ours, num_blocks=200), random_prompts(B, PROMPT_LEN, cfg.vocab_size, 99), 2, "w")
@@ -101,10 +112,15 @@ def bench_decode(ours, theirs, cfg, seed=0, compiled=False):
         h65, htoks = hf_generate(theirs, p65, 65)
         theirs_tps = B * 64 / (h65 - h1)
         same = sum(a == b for a, b in zip(toks, htoks))
+        cap = f"{ours_tps / B / 250:.0%} per sequence" if B > 1 else f"{ours_tps / 250:.0%}"
+        anchor = "| - | -"
+        if lcpp is not None:
+            lc_tps = decode_tps(lcpp, p65)
+            anchor = f"| {lc_tps:.1f} | {ours_tps / lc_tps:.2f}x"
         print(f"| {B} | {theirs_tps:.1f} | {ours_tps:.1f} | {ours_tps / theirs_tps:.1f}x | {h65:.2f} | {t65:.2f} | "
-              f"{same}/{B} | {ours_tps / B / 250:.0%} per sequence |" if B > 1 else
-              f"| {B} | {theirs_tps:.1f} | {ours_tps:.1f} | {ours_tps / theirs_tps:.1f}x | {h65:.2f} | {t65:.2f} | "
-              f"{same}/{B} | {ours_tps / 250:.0%} |")
+              f"{same}/{B} | {cap} {anchor} |")
+    if lcpp is not None:
+        lcpp.close()
 
 
 def bench_kv_bytes(ours, theirs, cfg):
@@ -171,7 +187,7 @@ def bench_profile(ours, cfg, steps: int = 32):
 
     print(f"\n## Profile of a B=1 decode token (bench-v2-small, 512-token prompt) — {load()}\n")
     e = LLMEngine(ours, num_blocks=40, max_num_seqs=1)
-    params = SamplingParams(temperature=0, max_tokens=10 ** 6, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
     e.add_request("p", {"prompt_token_ids": random_prompts(1, PROMPT_LEN, cfg.vocab_size, 3)[0]}, params)
     for _ in range(4):
         e.step()
@@ -199,6 +215,8 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs/bench-v2-small.json"))
     ap.add_argument("--only", choices=["decode", "kv", "ttft", "batching", "profile"])
     ap.add_argument("--compiled", action="store_true", help="also decode with the compiled step (slow warm-up)")
+    ap.add_argument("--no-llama-cpp", action="store_true",
+                    help="skip the llama.cpp column even when llama-cpp-python and gguf are installed")
     args = ap.parse_args()
     import transformers
 
@@ -211,7 +229,10 @@ def main() -> None:
         ours = load_model(tmp / "ck", dtype=torch.float32)
         theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp / "ck", dtype=torch.float32).eval()
         if args.only in (None, "decode"):
-            bench_decode(ours, theirs, cfg, compiled=args.compiled)
+            gguf_path = None
+            if not args.no_llama_cpp and llamacpp.available():
+                gguf_path = llamacpp.export_gguf(tmp / "ck", tmp / "ck.gguf")
+            bench_decode(ours, theirs, cfg, compiled=args.compiled, gguf_path=gguf_path)
         if args.only in (None, "profile"):
             bench_profile(ours, cfg)
         if args.only in (None, "kv"):

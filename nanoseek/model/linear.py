@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.io import atomic_write
-from nanoseek.model import quant
+from nanoseek.model import cpu_kernels, quant
 
 MAX_ROWS = 16  # above this many rows dense weights take F.linear (BLAS GEMM), untimed
 # quantised kinds above MAX_ROWS (prefill): rows up to 64 take the choice measured at 64, more take the
@@ -41,6 +41,7 @@ MANY_CLASSES = (64, 256)
 DEQUANT_MAX_NUMEL = 1 << 26
 ROW_CLASSES = (1, 2, 4, 8, 16)  # rows are rounded up to one of these to look a choice up
 ROUNDS = 4  # timing rounds per shape, kernels interleaved; the best of all rounds counts
+ROW_MAJOR_KERNELS = ("gemv",)  # dense kernels that need row-major weights (others take either layout)
 
 Kernel = Callable[[torch.Tensor, object, "torch.Tensor | None"], torch.Tensor]
 
@@ -59,7 +60,8 @@ def _dense_small_rows(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return y if bias is None else y + bias
 
 
-# kind -> {kernel name: fn}; the first entry of each kind is its reference.
+# kind -> {kernel name: fn}; the first entry of each kind is its reference. "gemv" (nanoseek's C++
+# kernel, cpu_kernels.gemv) joins the dense kernels in `tune` where it builds on this host.
 KERNELS: dict[str, dict[str, Kernel]] = {
     "dense": {"F.linear": _dense_reference, "small_rows": _dense_small_rows},
     # weight-only quantised (quant.QuantWeight): "auto" (first, so it also serves > MAX_ROWS rows) is
@@ -70,6 +72,15 @@ KERNELS: dict[str, dict[str, Kernel]] = {
     "int4": {"auto": quant.auto_linear, "dequant": quant.dequant_linear, "int4pack": quant.int4pack_linear,
              "dequant_f32": quant.dequant_f32_linear},
 }
+
+def register_cpu_kernels() -> bool:
+    """Make nanoseek's C++ kernels candidates where they build on this host (cpu_kernels.load:
+    compiled on first use); False where they cannot, and only torch's kernels remain."""
+    if not cpu_kernels.load():
+        return False
+    KERNELS["dense"].setdefault("gemv", cpu_kernels.gemv)
+    return True
+
 
 # (kind, rows class, out, in) -> kernel name: filled by `tune` (or `set_choices`), read by `linear`.
 _CHOICES: dict[tuple[str, int, int, int], str] = {}
@@ -219,10 +230,18 @@ def apply_layouts(model: nn.Module, layouts: dict[tuple[int, int], str]) -> None
                 p.data = to_layout(p.data, layout)
 
 
-def _choose_layout(w: torch.Tensor, out_f: int, in_f: int, classes, timer, cached: dict) -> tuple[dict, bool]:
+def _layout_key(out_f: int, in_f: int, classes, row_kernels: dict) -> str:
+    return f"dense-layout|{out_f}|{in_f}|{','.join(map(str, classes))}" + "".join(f"|{n}" for n in row_kernels)
+
+
+def _choose_layout(w: torch.Tensor, out_f: int, in_f: int, classes, timer, cached: dict,
+                   row_kernels: dict[str, Kernel] | None = None) -> tuple[dict, bool]:
     """Time F.linear with w row- and column-major on the decode rows classes and PREFILL_ROWS rows:
-    "col" where it wins the decode rows by LAYOUT_GAIN without losing prefill. (entry, measured)."""
-    key = f"dense-layout|{out_f}|{in_f}|{','.join(map(str, classes))}"
+    "col" where it wins the decode rows by LAYOUT_GAIN without losing prefill. (entry, measured).
+    row_kernels: kernels that need row-major weights (cpu_kernels.gemv); on the decode rows, row-major
+    counts with the best of F.linear and these."""
+    row_kernels = row_kernels or {}
+    key = _layout_key(out_f, in_f, classes, row_kernels)
     if key in cached:
         return cached[key], False
     ref = KERNELS["dense"]["F.linear"]
@@ -232,7 +251,10 @@ def _choose_layout(w: torch.Tensor, out_f: int, in_f: int, classes, timer, cache
         x2 = torch.randn(rows, in_f).to(w.dtype)
         for lay in ws:
             us[f"{lay}@{rows}"] = min(timer(ref, x2, ws[lay]) for _ in range(ROUNDS)) * 1e6
-    decode = {lay: sum(us[f"{lay}@{r}"] for r in classes) for lay in ws}
+        for name, fn in row_kernels.items() if rows != PREFILL_ROWS else ():
+            us[f"{name}@{rows}"] = min(timer(fn, x2, ws["row"]) for _ in range(ROUNDS)) * 1e6
+    decode = {lay: sum(min([us[f"{lay}@{r}"]] + [us[f"{n}@{r}"] for n in row_kernels if lay == "row"])
+                       for r in classes) for lay in ws}
     col = (decode["col"] < LAYOUT_GAIN * decode["row"]
            and us[f"col@{PREFILL_ROWS}"] <= us[f"row@{PREFILL_ROWS}"] / LAYOUT_GAIN)
     return {"layout": "col" if col else "row", "us": us}, True
@@ -252,20 +274,29 @@ def tune(model: nn.Module, max_rows: int = MAX_ROWS, timer: Callable | None = No
     report, fresh = [], False
     classes = ROW_CLASSES[: ROW_CLASSES.index(row_class(max(1, max_rows))) + 1]
     chosen_layouts: dict[tuple[int, int], str] = {}
-    for (kind, out_f, in_f), w in model_weights(model).items():
+    weights = model_weights(model)
+    if any(k == "dense" and getattr(w, "dtype", None) == torch.float32 for (k, _, _), w in weights.items()):
+        register_cpu_kernels()
+    for (kind, out_f, in_f), w in weights.items():
         kernels = KERNELS[kind]
         if isinstance(w, torch.Tensor) and w.is_meta:  # shapes only (`nanoseek info --kernels`)
             w = torch.randn(w.shape, dtype=w.dtype)
         if len(kernels) < 2 or getattr(w, "device", torch.device("cpu")).type != "cpu":
             continue
+        row_only = {n: kernels[n] for n in ROW_MAJOR_KERNELS if n in kernels}
+        if kind == "dense" and w.dtype != torch.float32:  # the C++ kernel is fp32 only
+            kernels = {n: fn for n, fn in kernels.items() if n not in row_only}
+            row_only = {}
         layout, suffix = "row", ""
         if kind == "dense" and layouts:
-            entry, measured = _choose_layout(w, out_f, in_f, classes, timer, cached)
-            cached[f"dense-layout|{out_f}|{in_f}|{','.join(map(str, classes))}"] = entry
+            entry, measured = _choose_layout(w, out_f, in_f, classes, timer, cached, row_only)
+            cached[_layout_key(out_f, in_f, classes, row_only)] = entry
             fresh |= measured
             layout = chosen_layouts[(out_f, in_f)] = entry["layout"]
             w = to_layout(w, layout)
             suffix = "|col" if layout == "col" else ""
+            if layout == "col":  # these need row-major weights
+                kernels = {n: fn for n, fn in kernels.items() if n not in row_only}
         if kind != "dense" and out_f * in_f > DEQUANT_MAX_NUMEL:
             kernels = {n: fn for n, fn in kernels.items() if not n.startswith("dequant")}
         for rc in classes + (MANY_CLASSES if kind != "dense" else ()):

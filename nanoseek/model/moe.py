@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model import cpu_kernels
 from nanoseek.model.linear import (MAX_ROWS, ROUNDS, ROW_CLASSES, Linear, linear, load_host_cache, row_class,
                                    save_host_cache)
 
@@ -181,11 +182,24 @@ def indexed_experts(x, idx, weights, gate_up, down, out: torch.Tensor | None = N
     return y
 
 
+def fused_experts(x, idx, weights, gate_up, down) -> torch.Tensor:
+    """nanoseek::moe_experts, the C++ op (nanoseek/model/csrc/cpu_moe.cpp): every chosen expert's
+    SwiGLU on its tokens, weighted and summed, in one call; each active expert's weights read once.
+    No host read in the caller, so it also runs inside compiled graphs. fp32 CPU weights, contiguous."""
+    return torch.ops.nanoseek.moe_experts(x, idx, weights, gate_up, down).to(x.dtype)
+
+
+def fused_ok(gate_up) -> bool:
+    """Whether fused_experts applies to these stacked weights on this host (builds the op on first use)."""
+    return (isinstance(gate_up, torch.Tensor) and gate_up.dtype == torch.float32 and gate_up.device.type == "cpu"
+            and gate_up.is_contiguous() and cpu_kernels.load())
+
+
 # Inference dispatch of Experts.forward: "sorted" (pairs sorted by expert, then expert_ffn; reads the
 # per-expert counts on the host), "indexed" (indexed_experts; CPU only) or one of the fixed-shape
-# variants above. Which is fastest depends on the host and the number of tokens N, so tune_dispatch
+# variants above ("fused" where fused_ok). Which is fastest depends on the host and the number of tokens N, so tune_dispatch
 # measures it at engine start: (rows class of N, E, 2I, C) -> impl. Training (grad enabled) always takes "sorted".
-FIXED = {"dense": dense_experts, "gather": gather_experts}
+FIXED = {"dense": dense_experts, "gather": gather_experts, "fused": fused_experts}
 _DISPATCH_CHOICE: dict[tuple[int, int, int, int], str] = {}
 _FIXED_CHOICE: dict[tuple[int, int, int, int], str] = {}  # the same among FIXED (compiled graphs)
 
@@ -275,7 +289,8 @@ def tune_dispatch(model: nn.Module, max_rows: int, timer=None, use_cache: bool =
     gate_up = experts.gate_up_proj
     E, I2, C = gate_up.shape
     K = next(m for m in model.modules() if isinstance(m, Router)).cfg.num_experts_per_tok
-    impls = ["sorted", *FIXED] + (["indexed"] if gate_up.device.type == "cpu" else [])
+    impls = ["sorted", *(i for i in FIXED if i != "fused" or fused_ok(gate_up))]
+    impls += ["indexed"] if gate_up.device.type == "cpu" else []
     cached = load_host_cache() if use_cache else {}
     report, fresh = [], False
     gen = torch.Generator().manual_seed(0)

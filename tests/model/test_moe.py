@@ -125,7 +125,7 @@ def test_dispatch_tuning_takes_the_faster_impl_per_batch_size(tmp_path, monkeypa
     moe_mod.clear_dispatch_choices()
     model = build_model(tiny_v2(), seed=5).eval()
     fake = {"sorted": lambda n: 1.0, "dense": lambda n: 0.5 if n >= 4 else 2.0, "gather": lambda n: 3.0,
-            "indexed": lambda n: 4.0}
+            "indexed": lambda n: 4.0, "fused": lambda n: 5.0}
     report = moe_mod.tune_dispatch(model, max_rows=8, timer=lambda impl, e, x, *a: fake[impl](x.shape[0]))
     assert [(r["rows"], r["kernel"]) for r in report] == [(1, "sorted"), (2, "sorted"), (4, "dense"), (8, "dense")]
     for r in report:

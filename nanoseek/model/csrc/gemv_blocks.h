@@ -1,0 +1,80 @@
+// Register-blocked fp32 dot products for few-rows projections (AVX2 + FMA), shared by nanoseek's
+// CPU kernels (cpu_gemv.cpp, cpu_moe.cpp). w rows are contiguous, I floats each.
+#pragma once
+#include <immintrin.h>
+#include <cstdint>
+
+namespace nanoseek {
+
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+inline float dot_tail(const float* a, const float* b, int64_t from, int64_t to) {
+  float s = 0.f;
+  for (int64_t i = from; i < to; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// 4 weight rows x 2 activation rows
+inline void block_4x2(const float* w, int64_t I, const float* x0, const float* x1, float* y0, float* y1) {
+  const float *w0 = w, *w1 = w + I, *w2 = w + 2 * I, *w3 = w + 3 * I;
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+  const int64_t I8 = I & ~int64_t(7);
+  for (int64_t i = 0; i < I8; i += 8) {
+    const __m256 v0 = _mm256_loadu_ps(w0 + i), v1 = _mm256_loadu_ps(w1 + i);
+    const __m256 v2 = _mm256_loadu_ps(w2 + i), v3 = _mm256_loadu_ps(w3 + i);
+    const __m256 p = _mm256_loadu_ps(x0 + i), q = _mm256_loadu_ps(x1 + i);
+    a00 = _mm256_fmadd_ps(v0, p, a00); a01 = _mm256_fmadd_ps(v1, p, a01);
+    a02 = _mm256_fmadd_ps(v2, p, a02); a03 = _mm256_fmadd_ps(v3, p, a03);
+    a10 = _mm256_fmadd_ps(v0, q, a10); a11 = _mm256_fmadd_ps(v1, q, a11);
+    a12 = _mm256_fmadd_ps(v2, q, a12); a13 = _mm256_fmadd_ps(v3, q, a13);
+  }
+  y0[0] = hsum(a00) + dot_tail(w0, x0, I8, I); y0[1] = hsum(a01) + dot_tail(w1, x0, I8, I);
+  y0[2] = hsum(a02) + dot_tail(w2, x0, I8, I); y0[3] = hsum(a03) + dot_tail(w3, x0, I8, I);
+  y1[0] = hsum(a10) + dot_tail(w0, x1, I8, I); y1[1] = hsum(a11) + dot_tail(w1, x1, I8, I);
+  y1[2] = hsum(a12) + dot_tail(w2, x1, I8, I); y1[3] = hsum(a13) + dot_tail(w3, x1, I8, I);
+}
+
+// 4 weight rows x 1 activation row
+inline void block_4x1(const float* w, int64_t I, const float* x0, float* y0) {
+  const float *w0 = w, *w1 = w + I, *w2 = w + 2 * I, *w3 = w + 3 * I;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  const int64_t I8 = I & ~int64_t(7);
+  for (int64_t i = 0; i < I8; i += 8) {
+    const __m256 p = _mm256_loadu_ps(x0 + i);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i), p, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + i), p, a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + i), p, a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + i), p, a3);
+  }
+  y0[0] = hsum(a0) + dot_tail(w0, x0, I8, I); y0[1] = hsum(a1) + dot_tail(w1, x0, I8, I);
+  y0[2] = hsum(a2) + dot_tail(w2, x0, I8, I); y0[3] = hsum(a3) + dot_tail(w3, x0, I8, I);
+}
+
+inline float dot(const float* w, const float* x, int64_t I) {
+  __m256 a = _mm256_setzero_ps();
+  const int64_t I8 = I & ~int64_t(7);
+  for (int64_t i = 0; i < I8; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a);
+  return hsum(a) + dot_tail(w, x, I8, I);
+}
+
+
+// y[n * ys + o] = x[n * xs] . w[o] for o in [o0, o1), n < N: 4 weight rows at a time, 2 x rows each
+inline void gemv_range(const float* W, int64_t I, const float* X, int64_t xs, int64_t N, float* Y, int64_t ys,
+                       int64_t o0, int64_t o1) {
+  int64_t o = o0;
+  for (; o + 3 < o1; o += 4) {
+    int64_t n = 0;
+    for (; n + 1 < N; n += 2) block_4x2(W + o * I, I, X + n * xs, X + (n + 1) * xs, Y + n * ys + o, Y + (n + 1) * ys + o);
+    if (n < N) block_4x1(W + o * I, I, X + n * xs, Y + n * ys + o);
+  }
+  for (; o < o1; ++o)
+    for (int64_t n = 0; n < N; ++n) Y[n * ys + o] = dot(W + o * I, X + n * xs, I);
+}
+
+}  // namespace nanoseek
