@@ -45,6 +45,13 @@ def unsupported() -> str | None:
         return "the CPU lacks AVX2 or FMA"
     if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
         return "no C++ compiler on PATH"
+    if not shutil.which("ninja"):
+        try:  # the `ninja` wheel (a dependency) ships the binary; .venv/bin need not be on PATH
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            return "no ninja (pip install ninja)"
     return None
 
 

@@ -185,14 +185,18 @@ def indexed_experts(x, idx, weights, gate_up, down, out: torch.Tensor | None = N
 def fused_experts(x, idx, weights, gate_up, down) -> torch.Tensor:
     """nanoseek::moe_experts, the C++ op (nanoseek/model/csrc/cpu_moe.cpp): every chosen expert's
     SwiGLU on its tokens, weighted and summed, in one call; each active expert's weights read once.
-    No host read in the caller, so it also runs inside compiled graphs. fp32 CPU weights, contiguous."""
+    No host read in the caller, so it also runs inside compiled graphs. Where it does not apply
+    (fused_ok), the same result through dense_experts."""
+    if not (gate_up.is_contiguous() and down.is_contiguous()):  # a layout tune() chose for F.linear
+        return dense_experts(x, idx, weights, gate_up, down)
     return torch.ops.nanoseek.moe_experts(x, idx, weights, gate_up, down).to(x.dtype)
 
 
-def fused_ok(gate_up) -> bool:
-    """Whether fused_experts applies to these stacked weights on this host (builds the op on first use)."""
-    return (isinstance(gate_up, torch.Tensor) and gate_up.dtype == torch.float32 and gate_up.device.type == "cpu"
-            and gate_up.is_contiguous() and cpu_kernels.load())
+def fused_ok(gate_up, down) -> bool:
+    """Whether fused_experts applies to these stacked weights on this host (builds the op on first use):
+    fp32 CPU tensors, both row-major (tune() may lay either out column-major for F.linear)."""
+    return all(isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.device.type == "cpu"
+               and w.is_contiguous() for w in (gate_up, down)) and cpu_kernels.load()
 
 
 # Inference dispatch of Experts.forward: "sorted" (pairs sorted by expert, then expert_ffn; reads the
@@ -289,7 +293,7 @@ def tune_dispatch(model: nn.Module, max_rows: int, timer=None, use_cache: bool =
     gate_up = experts.gate_up_proj
     E, I2, C = gate_up.shape
     K = next(m for m in model.modules() if isinstance(m, Router)).cfg.num_experts_per_tok
-    impls = ["sorted", *(i for i in FIXED if i != "fused" or fused_ok(gate_up))]
+    impls = ["sorted", *(i for i in FIXED if i != "fused" or fused_ok(gate_up, experts.down_proj))]
     impls += ["indexed"] if gate_up.device.type == "cpu" else []
     cached = load_host_cache() if use_cache else {}
     report, fresh = [], False

@@ -62,7 +62,7 @@ def test_disabled_kernels_say_why_and_linear_keeps_torch(monkeypatch):
     assert cpu_kernels.why_unavailable() == "NANOSEEK_CPU_KERNELS=0"
     x, w = torch.randn(2, 16), torch.randn(8, 16)
     torch.testing.assert_close(cpu_kernels.gemv(x, w, None), F.linear(x, w))
-    assert not moe_mod.fused_ok(torch.randn(4, 8, 16))
+    assert not moe_mod.fused_ok(torch.randn(4, 8, 16), torch.randn(4, 16, 4))
 
 
 @needs_kernels
@@ -79,6 +79,9 @@ def test_fused_experts_equal_the_indexed_loop(tokens):
     torch.testing.assert_close(moe_mod.fused_experts(x, idx, w, gate_up, down), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="expert id 8 outside"):
         moe_mod.fused_experts(x, torch.full_like(idx, 8), w, gate_up, down)
+    col = down.transpose(-1, -2).contiguous().transpose(-1, -2)  # a column-major layout from tune()
+    assert moe_mod.fused_ok(gate_up, down) and not moe_mod.fused_ok(gate_up, col)
+    torch.testing.assert_close(moe_mod.fused_experts(x, idx, w, gate_up, col), want, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernels
