@@ -197,12 +197,12 @@ def bench_profile(ours, cfg, steps: int = 32):
             e.step()
         wall = (time.perf_counter() - t) / steps
     e.abort("p")
-    mm = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
-          "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu"}
+    from profile_decode import MATMUL_OPS as mm
     rows = [(ev.key, ev.self_cpu_time_total / steps, ev.count / steps) for ev in prof.key_averages()]
     in_mm = sum(t for k, t, _ in rows if k in mm) / 1e3
     ops = sum(c for k, _, c in rows if k.startswith("aten::"))
-    print(f"| wall ms / token | matmul ms (mm, addmm, bmm, baddbmm, SDPA) | outside matmuls ms | aten ops / token |")
+    print(f"| wall ms / token (profiled) | matmul ms (mm, addmm, bmm, baddbmm, SDPA, nanoseek::gemv, "
+          f"nanoseek::moe_experts) | outside matmuls ms | aten ops / token |")
     print("|---:|---:|---:|---:|")
     print(f"| {wall * 1e3:.2f} | {in_mm:.2f} | {wall * 1e3 - in_mm:.2f} | {ops:.0f} |")
     print("\ntop self-time ops per token:\n")

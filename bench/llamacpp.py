@@ -294,6 +294,8 @@ def main() -> None:
         for fa in (False, True):
             lcpp = LlamaCpp(path, threads=args.threads, flash_attn=fa)
             diff, same = parity(lcpp, ours, prompt)
+            if not fa and diff > 1e-4:  # the same fp32 computation must agree: else the export is wrong
+                raise SystemExit(f"llama.cpp's logits differ from nanoseek's by {diff:.1e}: the GGUF is not this model")
             tps = [decode_tps(lcpp, random_prompts(B, PROMPT_LEN, cfg.vocab_size, 2)) for B in (1, 8)]
             pre = []
             for n in (512, 2048):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections import Counter
 import json
 import os
 import random
@@ -63,8 +64,10 @@ async def one_request(http: httpx.AsyncClient, url: str, key: str, body: dict) -
                 now = time.perf_counter()
                 first = first or now
                 last = now
-    if usage is None or first is None:
-        return {"error": "no usage or no content"}
+    if usage is None:
+        return {"error": "no usage chunk"}
+    if first is None:  # a sampled end-of-sequence first: a valid reply, but no token to time
+        return {"error": "empty completion" if usage["completion_tokens"] <= 1 else "no content"}
     n = usage["completion_tokens"]
     return {"ttft": first - t0, "tpot": (last - first) / (n - 1) if n > 1 else None, "output": n,
             "prompt": usage["prompt_tokens"], "hit": usage["prompt_cache_hit_tokens"],
@@ -97,7 +100,8 @@ async def run_load(url: str, key: str, model: str, clients: int, duration: float
     ttft = [r["ttft"] for r in ok]
     tpot = [r["tpot"] for r in ok if r["tpot"] is not None]
     prompt = sum(r["prompt"] for r in ok)
-    return {"requests": len(ok), "errors": len(results) - len(ok), "wall_s": round(wall, 1),
+    return {"requests": len(ok), "errors": len(results) - len(ok),
+            "error_kinds": dict(Counter(r["error"] for r in results if "error" in r)), "wall_s": round(wall, 1),
             "req_per_s": round(len(ok) / wall, 2), "output_tok_per_s": round(sum(r["output"] for r in ok) / wall, 1),
             "ttft_p50_s": round(percentile(ttft, 50), 3), "ttft_p99_s": round(percentile(ttft, 99), 3),
             "tpot_p50_ms": round(1000 * percentile(tpot, 50), 1), "tpot_p99_ms": round(1000 * percentile(tpot, 99), 1),
@@ -109,6 +113,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def served_code() -> str:
+    """The nanoseek that `python -m nanoseek` imports here (this interpreter, directory and PYTHONPATH),
+    with its git commit: a before/after comparison must name the code each side served. (The current
+    directory comes first on sys.path: run from another checkout's root to serve its code.)"""
+    where = subprocess.run([sys.executable, "-c", "import os, nanoseek; print(os.path.dirname(nanoseek.__file__))"],
+                           capture_output=True, text=True).stdout.strip()
+    sha = subprocess.run(["git", "-C", where or ".", "log", "-1", "--format=%h %s"], capture_output=True,
+                         text=True).stdout.strip()
+    return f"{where} ({sha or 'not a git checkout'})"
 
 
 def start_server(model: str, tmp: Path, extra: list[str]) -> tuple[subprocess.Popen, str, str]:
@@ -178,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error("--url needs --key")
             url, key = args.url.rstrip("/"), args.key
         else:
+            code = served_code()
+            print(f"serving {code}", file=sys.stderr, flush=True)
             proc, url, key = start_server(args.model, Path(tmp), args.serve_args.split())
         try:
             card = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"][0]
@@ -196,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                 proc.terminate()
                 proc.wait(30)
     load = os.getloadavg()[0]
+    if not args.url:
+        print(f"\nserved code: {code}")
     print(f"\n{args.clients} streaming clients, max_tokens={args.max_tokens}, {args.duration:.0f} s per scenario, "
           f"{os.cpu_count()} CPUs, load average {load:.1f}\n")
     cols = ["requests", "errors", "req_per_s", "output_tok_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_ms",
@@ -204,9 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|" + "---:|" * len(cols))
     for name, r in rows.items():
         print(f"| {name} | " + " | ".join(str(r[c]) for c in cols) + " |")
+    for name, r in rows.items():
+        if r["error_kinds"]:
+            print(f"\n{name} errors: {r['error_kinds']}")
     if args.json:
         atomic_write(args.json, json.dumps({"clients": args.clients, "max_tokens": args.max_tokens,
-                                               "duration_s": args.duration, "results": rows}, indent=2))
+                                               "duration_s": args.duration, "served_code": None if args.url else code,
+                                               "results": rows}, indent=2))
     return 0
 
 

@@ -37,5 +37,10 @@ def test_info_kernels_times_the_configs_shapes_and_caches_the_choice(tmp_path):
     cached = json.loads((tmp_path / "cache" / "kernels.json").read_text())
     (entries,) = cached.values()
     # the key names the weight's layout when column-major measured faster (a per-host choice)
-    key = "dense|2|96|64" + ("|col" if entries["dense-layout|96|64|1,2"]["layout"] == "col" else "")
-    assert key in entries and entries[key]["kernel"] in ("F.linear", "small_rows")
+    from nanoseek.model import cpu_kernels
+
+    gemv = cpu_kernels.unsupported() is None  # then the C++ kernel is a candidate too, and names the key
+    layout = entries["dense-layout|96|64|1,2" + ("|gemv" if gemv else "")]["layout"]
+    key = "dense|2|96|64" + ("|col" if layout == "col" else "")
+    assert key in entries and entries[key]["kernel"] in ("F.linear", "small_rows") + (("gemv",) if gemv else ())
+    assert ("gemv" in entries[key]["us"]) == (gemv and layout == "row")  # it needs row-major weights
