@@ -13,7 +13,10 @@ from nanoseek.model.backend import causal_mask, sdpa_latent
 from nanoseek.model.transformer import build_model
 from tests.conftest import tiny_v2, tiny_v3
 
-CPU_BACKENDS = ["cpu"]
+from nanoseek.model import cpu_kernels
+
+# the C++ backend wherever nanoseek's CPU kernels can build (then they must: see test_cpu_kernels.py)
+CPU_BACKENDS = ["cpu"] + (["cpu-kernel"] if cpu_kernels.unsupported() is None else [])
 
 
 def scenario(model, backend: str, tmp_path, **engine_kw):
@@ -87,6 +90,24 @@ def test_block_latent_attention_equals_sdpa_with_padding():
     kv = pool[tables].reshape(3, S, D)
     want = sdpa_latent(q[:, None], kv, causal_mask(lens, 1, S), 0.3, L)[:, 0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(cpu_kernels.unsupported() is not None, reason=f"no CPU kernels: {cpu_kernels.unsupported()}")
+@pytest.mark.parametrize("heads", [3, 8])
+def test_paged_latent_decode_op_equals_the_block_attention(heads):
+    g = torch.Generator().manual_seed(heads)
+    bs, D, L = 4, 20, 16
+    pool = torch.randn(10, bs, D, generator=g)
+    tables = torch.tensor([[3, 1, 7], [2, 0, 0], [9, 9, 9]])  # row 1 uses one block; the rest is padding
+    lens = torch.tensor([11, 3, 1])
+    q = torch.randn(3, heads, D, generator=g)
+    want = block_latent_attention(pool, q, tables, lens, 0.3, L)
+    torch.testing.assert_close(torch.ops.nanoseek.paged_latent_decode(pool, q, tables, lens, 0.3, L), want,
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="block id 10 outside the pool's 10"):
+        torch.ops.nanoseek.paged_latent_decode(pool, q, torch.tensor([[3, 10, 7]] * 3), lens, 0.3, L)
+    with pytest.raises(RuntimeError, match="row 0 has 13 keys, its block table holds 12"):
+        torch.ops.nanoseek.paged_latent_decode(pool, q, tables, torch.tensor([13, 3, 1]), 0.3, L)
 
 
 def test_auto_takes_the_faster_backend_by_injected_timings():

@@ -6,6 +6,7 @@ import torch
 from nanoseek.engine.compile import CompiledDecode, batch_buckets, bucket_of, context_bucket
 from nanoseek.engine.llm import LLMEngine
 from nanoseek.engine.sampling import SamplingParams
+from nanoseek.model import cpu_kernels
 from nanoseek.model.transformer import build_model
 from tests.conftest import tiny_v2
 
@@ -26,12 +27,13 @@ def run(engine, prompts):
     return [(r.outputs[0].token_ids, r.outputs[0].logprobs) for r in reqs]
 
 
-def compare(compile_backend: str, tol: float, lengths=(5, 9, 13), bucket=(4, 4)):
+def compare(compile_backend: str, tol: float, lengths=(5, 9, 13), bucket=(4, 4), attention_backend="cpu"):
     model = build_model(tiny_v2(eos_token_id=None), seed=3).eval()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 96, (n,), generator=g).tolist() for n in lengths]  # B = 3
     kw = dict(block_size=4, num_blocks=64, max_num_seqs=4, attention_backend="cpu")
     want = run(LLMEngine(model, **kw), prompts)
+    kw["attention_backend"] = attention_backend
     engine = LLMEngine(model, **kw)
     step = CompiledDecode(model, engine.cache, engine.backend, max_num_seqs=4, compile_backend=compile_backend)
     engine.runner.decode_step = step
@@ -44,9 +46,11 @@ def compare(compile_backend: str, tol: float, lengths=(5, 9, 13), bucket=(4, 4))
             assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) < tol
 
 
-def test_padded_bucket_traced_by_dynamo_equals_eager():
-    """torch.compile's graph capture (Dynamo, no code generation): B = 3 padded to 4 gives B = 3's tokens."""
-    compare("eager", 1e-6)
+@pytest.mark.parametrize("attention_backend", ["cpu"] + (["cpu-kernel"] if cpu_kernels.unsupported() is None else []))
+def test_padded_bucket_traced_by_dynamo_equals_eager(attention_backend):
+    """torch.compile's graph capture (Dynamo, no code generation): B = 3 padded to 4 gives B = 3's tokens
+    (also through the C++ attention op, traced by its shape-only kernel)."""
+    compare("eager", 1e-6 if attention_backend == "cpu" else 1e-5, attention_backend=attention_backend)
 
 
 def test_each_bucket_compiles_under_its_own_recompile_limit():

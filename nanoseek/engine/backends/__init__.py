@@ -4,6 +4,8 @@
 
 - reference: gather + SDPA, the oracle;
 - cpu: block-wise decode over the latent pool (cpu.py);
+- cpu-kernel: the same as one C++ op reading the blocks in place (cpu.py; where nanoseek's CPU
+  kernels build, nanoseek.model.cpu_kernels);
 - cuda: FlashMLA where installed, else the block-wise decode (cuda.py; untested without a GPU).
 "auto" times the candidates for this device on a decode step of the engine's shapes and takes the
 faster (measured, not assumed: which wins depends on the host).
@@ -15,16 +17,20 @@ import time
 
 import torch
 
-from nanoseek.engine.backends.cpu import CPUDecodeBackend
+from nanoseek.engine.backends.cpu import CPUDecodeBackend, CPUKernelBackend
 from nanoseek.engine.backends.cuda import CUDABackend
 from nanoseek.engine.backends.reference import ReferenceBackend
 from nanoseek.engine.kv_cache import PagedKVCache
+from nanoseek.model import cpu_kernels
 
-BACKENDS = {"reference": ReferenceBackend, "cpu": CPUDecodeBackend, "cuda": CUDABackend}
+BACKENDS = {"reference": ReferenceBackend, "cpu": CPUDecodeBackend, "cpu-kernel": CPUKernelBackend,
+            "cuda": CUDABackend}
 
 
 def candidates(device: torch.device) -> list[str]:
-    return ["reference", "cuda"] if device.type == "cuda" else ["reference", "cpu"]
+    if device.type == "cuda":
+        return ["reference", "cuda"]
+    return ["reference", "cpu"] + (["cpu-kernel"] if cpu_kernels.load() else [])
 
 
 def time_decode(backend, cfg, batch: int, context: int, repeats: int = 10) -> float:
@@ -60,6 +66,9 @@ def choose_backend(cache: PagedKVCache, cfg, name: str = "auto", max_num_seqs: i
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(f"unknown attention backend {name!r}; choose from {['auto', *BACKENDS]}")
+        if name == "cpu-kernel" and not cpu_kernels.load():
+            raise ValueError(f"attention backend 'cpu-kernel' needs nanoseek's CPU kernels: "
+                             f"{cpu_kernels.why_unavailable()}")
         return BACKENDS[name](cache), {}
     if not cfg.is_mla:
         return ReferenceBackend(cache), {}

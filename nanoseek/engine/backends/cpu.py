@@ -6,6 +6,11 @@ then scores = q @ kvᵀ with the padding masked by an additive bias, softmax, an
 as two batched matmuls ([B, H, D] x [B, D, S]), where the reference builds a [B, T*H, S] boolean mask
 for SDPA. Everything else (prefill, GQA, naive MLA) is the reference's.
 
+CPUKernelBackend ("cpu-kernel") does the same decode attention as one C++ op over the pool
+(nanoseek::paged_latent_decode, nanoseek/model/csrc/cpu_attention.cpp): each row's keys are read from
+their blocks in place, so neither the gathered copy nor the padding bias exists. A candidate where
+nanoseek's CPU kernels build (nanoseek.model.cpu_kernels); the engine measures it like the others.
+
 Notation: B rows, H heads, S keys (nb blocks * block_size), D = L + R cached width.
 """
 
@@ -53,4 +58,17 @@ class CPUDecodeBackend(ReferenceBackend):
             bias = meta.per_step["cpu_decode_bias"] = padding_bias(meta.seq_lens, S, q.dtype)
         o = block_latent_attention(self.cache.pools[layer_idx], q.view(B, H, D), meta.block_tables,
                                    meta.seq_lens, scale, value_dim, bias)
+        return o.view(B, 1, H, value_dim)
+
+
+class CPUKernelBackend(CPUDecodeBackend):
+    name = "cpu-kernel"
+
+    def latent_attention(self, layer_idx, q, new, meta, scale: float, value_dim: int) -> torch.Tensor:
+        pool = self.cache.pools[layer_idx]
+        if meta.num_new != 1 or meta.keys_are_new or pool.dtype != torch.float32 or q.dtype != torch.float32:
+            return super().latent_attention(layer_idx, q, new, meta, scale, value_dim)
+        B, _, H, D = q.shape
+        o = torch.ops.nanoseek.paged_latent_decode(pool, q.reshape(B, H, D), meta.block_tables, meta.seq_lens,
+                                                   scale, value_dim)  # [B, H, value_dim]
         return o.view(B, 1, H, value_dim)
