@@ -66,6 +66,7 @@ def load() -> bool:
 
             # the name carries a digest of every source and header: torch's rebuild check sees sources only
             digest = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()))).hexdigest()[:10]
+            log.info("loading nanoseek's CPU kernels (compiled the first time on a host: ~20-40 s)")
             build(name=f"nanoseek_cpu_kernels_{digest}", sources=[str(s) for s in SOURCES], is_python_module=False,
                   extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
         except Exception as e:  # a broken toolchain must not stop the engine: torch's kernels remain
