@@ -1,8 +1,8 @@
 // nanoseek's few-rows fp32 projection for x86 CPUs with AVX2 + FMA: y[n, o] = sum_i x[n, i] * w[o, i].
 //
 // Decode multiplies 1-16 activation rows by each weight once, so it is bound by how fast the weight
-// streams from memory. Each thread takes whole blocks of 4 weight rows and runs every activation row
-// against them while they sit in L1 (x rows two at a time: 6 loads feed 8 FMAs). Built on first use
+// streams from memory. Each thread takes whole blocks of 12 weight rows and runs every activation row
+// against them while they sit in L1 (gemv_blocks.h: register blocks of 4x2 rows, or 3x4 from 4 rows on). Built on first use
 // by nanoseek/model/cpu_kernels.py; `linear` takes it only where tune() measured it fastest.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -28,9 +28,9 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w) {
   const float* X = x.data_ptr<float>();
   const float* W = w.data_ptr<float>();
   float* Y = y.data_ptr<float>();
-  const int64_t blocks = (O + 3) / 4;
+  const int64_t R = nanoseek::kRowsPerTask, tasks = (O + R - 1) / R;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && O * I >= 65536)
-  for (int64_t b = 0; b < blocks; ++b) nanoseek::gemv_range(W, I, X, xs, N, Y, O, 4 * b, std::min(O, 4 * b + 4));
+  for (int64_t b = 0; b < tasks; ++b) nanoseek::gemv_range(W, I, X, xs, N, Y, O, R * b, std::min(O, R * b + R));
   return y;
 }
 

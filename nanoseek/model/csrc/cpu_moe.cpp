@@ -4,7 +4,7 @@
 //
 // The (token, expert) pairs are grouped by expert on the host side of the op (a CPU reads idx where
 // it is), then two parallel passes run every active expert's rows: the gate_up products of all of
-// them, then SwiGLU and the down products, each thread taking blocks of 4 weight rows. Every active
+// them, then SwiGLU and the down products, each thread taking blocks of 12 weight rows. Every active
 // expert's weights are read once per step, whatever its number of tokens; no Python loop, no host
 // read in the caller, so the op also sits inside a compiled decode graph (torch.compile).
 #include <ATen/ATen.h>
@@ -62,16 +62,16 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& idx, const at::Ten
 
   const float* GU = gate_up.data_ptr<float>();
   const float* D = down.data_ptr<float>();
-  const int64_t gu_blocks = (2 * I + 3) / 4, d_blocks = (C + 3) / 4;
+  const int64_t R = nanoseek::kRowsPerTask, gu_blocks = (2 * I + R - 1) / R, d_blocks = (C + R - 1) / R;
   const int threads = at::get_num_threads();
   const bool par = threads > 1 && A * 2 * I * C >= 65536;
 #pragma omp parallel num_threads(threads) if (par)
   {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < A * gu_blocks; ++t) {  // every active expert's gate_up rows
-      const int64_t a = t / gu_blocks, o = 4 * (t % gu_blocks), n = rows[active[a]].size();
+      const int64_t a = t / gu_blocks, o = R * (t % gu_blocks), n = rows[active[a]].size();
       nanoseek::gemv_range(GU + active[a] * 2 * I * C, C, xs.data() + start[a] * C, C, n,
-                           h.data() + start[a] * 2 * I, 2 * I, o, std::min(2 * I, o + 4));
+                           h.data() + start[a] * 2 * I, 2 * I, o, std::min(2 * I, o + R));
     }
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < P; ++p)  // SwiGLU: silu(gate) * up
@@ -81,9 +81,9 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& idx, const at::Ten
       }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < A * d_blocks; ++t) {  // every active expert's down rows
-      const int64_t a = t / d_blocks, o = 4 * (t % d_blocks), n = rows[active[a]].size();
+      const int64_t a = t / d_blocks, o = R * (t % d_blocks), n = rows[active[a]].size();
       nanoseek::gemv_range(D + active[a] * C * I, I, act.data() + start[a] * I, I, n, ys.data() + start[a] * C, C,
-                           o, std::min(C, o + 4));
+                           o, std::min(C, o + R));
     }
   }
   auto y = at::zeros({N, C}, x.options());

@@ -64,18 +64,55 @@ inline float dot(const float* w, const float* x, int64_t I) {
 }
 
 
-// y[n * ys + o] = x[n * xs] . w[o] for o in [o0, o1), n < N: 4 weight rows at a time, 2 x rows each
+// 3 weight rows x 4 activation rows: 7 loads feed 12 FMAs (for 4+ rows, where 4x2 ran short of FMAs)
+inline void block_3x4(const float* w, int64_t I, const float* x, int64_t xs, float* y, int64_t ys) {
+  const float *w0 = w, *w1 = w + I, *w2 = w + 2 * I;
+  const float *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs, *x3 = x + 3 * xs;
+  __m256 a[12];
+  for (int k = 0; k < 12; ++k) a[k] = _mm256_setzero_ps();
+  const int64_t I8 = I & ~int64_t(7);
+  for (int64_t i = 0; i < I8; i += 8) {
+    const __m256 v0 = _mm256_loadu_ps(w0 + i), v1 = _mm256_loadu_ps(w1 + i), v2 = _mm256_loadu_ps(w2 + i);
+    __m256 p = _mm256_loadu_ps(x0 + i);
+    a[0] = _mm256_fmadd_ps(v0, p, a[0]); a[1] = _mm256_fmadd_ps(v1, p, a[1]); a[2] = _mm256_fmadd_ps(v2, p, a[2]);
+    p = _mm256_loadu_ps(x1 + i);
+    a[3] = _mm256_fmadd_ps(v0, p, a[3]); a[4] = _mm256_fmadd_ps(v1, p, a[4]); a[5] = _mm256_fmadd_ps(v2, p, a[5]);
+    p = _mm256_loadu_ps(x2 + i);
+    a[6] = _mm256_fmadd_ps(v0, p, a[6]); a[7] = _mm256_fmadd_ps(v1, p, a[7]); a[8] = _mm256_fmadd_ps(v2, p, a[8]);
+    p = _mm256_loadu_ps(x3 + i);
+    a[9] = _mm256_fmadd_ps(v0, p, a[9]); a[10] = _mm256_fmadd_ps(v1, p, a[10]); a[11] = _mm256_fmadd_ps(v2, p, a[11]);
+  }
+  const float* xr[4] = {x0, x1, x2, x3};
+  const float* wr[3] = {w0, w1, w2};
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < 3; ++c) y[r * ys + c] = hsum(a[3 * r + c]) + dot_tail(wr[c], xr[r], I8, I);
+}
+
+// y[n * ys + o] = x[n * xs] . w[o] for o in [o0, o1), n < N. Rows in fours take 3x4 blocks (weight
+// rows three at a time); the rest of the rows (or all of them, when fewer than 4) take 4x2 / 4x1.
 inline void gemv_range(const float* W, int64_t I, const float* X, int64_t xs, int64_t N, float* Y, int64_t ys,
                        int64_t o0, int64_t o1) {
+  const int64_t n4 = N & ~int64_t(3);
+  if (n4 > 0) {
+    int64_t o = o0;
+    for (; o + 2 < o1; o += 3)
+      for (int64_t n = 0; n < n4; n += 4) block_3x4(W + o * I, I, X + n * xs, xs, Y + n * ys + o, ys);
+    for (; o < o1; ++o)
+      for (int64_t n = 0; n < n4; ++n) Y[n * ys + o] = dot(W + o * I, X + n * xs, I);
+  }
+  if (n4 == N) return;
   int64_t o = o0;
   for (; o + 3 < o1; o += 4) {
-    int64_t n = 0;
+    int64_t n = n4;
     for (; n + 1 < N; n += 2) block_4x2(W + o * I, I, X + n * xs, X + (n + 1) * xs, Y + n * ys + o, Y + (n + 1) * ys + o);
     if (n < N) block_4x1(W + o * I, I, X + n * xs, Y + n * ys + o);
   }
   for (; o < o1; ++o)
-    for (int64_t n = 0; n < N; ++n) Y[n * ys + o] = dot(W + o * I, X + n * xs, I);
+    for (int64_t n = n4; n < N; ++n) Y[n * ys + o] = dot(W + o * I, X + n * xs, I);
 }
+
+// output rows per parallel task: a multiple of both block heights (3 and 4)
+constexpr int64_t kRowsPerTask = 12;
 
 // e^x for 8 lanes, x <= 0 (softmax after subtracting the max), relative error ~2e-7: x = n ln2 + r
 // with |r| <= ln2 / 2, e^r by a degree-6 polynomial (Taylor coefficients refined for the interval,
