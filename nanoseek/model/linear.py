@@ -73,6 +73,7 @@ KERNELS: dict[str, dict[str, Kernel]] = {
              "dequant_f32": quant.dequant_f32_linear},
 }
 
+
 def register_cpu_kernels() -> bool:
     """Make nanoseek's C++ kernels candidates where they build on this host (cpu_kernels.load:
     compiled on first use); False where they cannot, and only torch's kernels remain."""
