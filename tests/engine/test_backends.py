@@ -95,6 +95,7 @@ def test_block_latent_attention_equals_sdpa_with_padding():
 @pytest.mark.skipif(cpu_kernels.unsupported() is not None, reason=f"no CPU kernels: {cpu_kernels.unsupported()}")
 @pytest.mark.parametrize("heads", [3, 8])
 def test_paged_latent_decode_op_equals_the_block_attention(heads):
+    assert cpu_kernels.load(), cpu_kernels.why_unavailable()
     g = torch.Generator().manual_seed(heads)
     bs, D, L = 4, 20, 16
     pool = torch.randn(10, bs, D, generator=g)
@@ -108,6 +109,14 @@ def test_paged_latent_decode_op_equals_the_block_attention(heads):
         torch.ops.nanoseek.paged_latent_decode(pool, q, torch.tensor([[3, 10, 7]] * 3), lens, 0.3, L)
     with pytest.raises(RuntimeError, match="row 0 has 13 keys, its block table holds 12"):
         torch.ops.nanoseek.paged_latent_decode(pool, q, tables, torch.tensor([13, 3, 1]), 0.3, L)
+    # every tail of the register blocks: keys not a multiple of 3, D not of 8, values not of 16 or 8
+    bs, D, L = 16, 92, 45
+    pool = torch.randn(12, bs, D, generator=g)
+    tables = torch.randperm(12, generator=g)[:10].view(2, 5)
+    lens = torch.tensor([77, 32])
+    q = torch.randn(2, heads, D, generator=g)
+    torch.testing.assert_close(torch.ops.nanoseek.paged_latent_decode(pool, q, tables, lens, 0.1, L),
+                               block_latent_attention(pool, q, tables, lens, 0.1, L), rtol=1e-5, atol=1e-6)
 
 
 def test_auto_takes_the_faster_backend_by_injected_timings():

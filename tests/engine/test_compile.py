@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nanoseek.engine.compile import CompiledDecode, batch_buckets, bucket_of, context_bucket
+from nanoseek.engine.compile import CompiledDecode, batch_buckets, bucket_of, context_bucket, step_guards
 from nanoseek.engine.llm import LLMEngine
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.model import cpu_kernels
@@ -16,6 +16,26 @@ def test_buckets():
     assert bucket_of(3, [1, 2, 4]) == 4 and [context_bucket(n) for n in (1, 2, 3, 5, 9)] == [1, 2, 4, 8, 16]
     with pytest.raises(ValueError, match="exceed the largest batch bucket 4"):
         bucket_of(5, [1, 2, 4])
+
+
+def test_step_guards_keep_the_inputs_and_global_context_and_drop_the_model():
+    lin = torch.nn.Linear(4, 4)
+    kept = {}
+
+    def record(entries):
+        keep = step_guards(entries)
+        kept.update({(e.guard_type, e.name): k for e, k in zip(entries, keep)})
+        return keep
+
+    fn = torch.compile(lambda x: lin(x).relu(), backend="eager", options={"guard_filter_fn": record})
+    y = torch.randn(2, 4)
+    torch.testing.assert_close(fn(y), lin(y).relu())
+    assert kept[("TENSOR_MATCH", "x")] and kept[("GRAD_MODE", "")] and kept[("GLOBAL_STATE", "")]
+    params = {k: v for k, v in kept.items() if k[0] == "TENSOR_MATCH" and k[1] != "x"}
+    assert len(params) == 2 and not any(params.values())  # weight and bias: fixed once the engine starts
+    assert not any(v for k, v in kept.items() if "lin" in k[1])
+    x = torch.randn(3, 4)  # a new input shape still fails the kept guard: recompiled, right answer
+    torch.testing.assert_close(fn(x), lin(x).relu())
 
 
 def run(engine, prompts):

@@ -3,8 +3,8 @@
 // from their blocks (no gathered [B, S, D] copy per layer, no padding mask):
 //   out[b, h] = sum_j softmax_j(scale * q[b, h] . kv_j) * kv_j[:value_dim],  j < seq_lens[b],
 //   kv_j = pool[block_tables[b, j / bs], j % bs]
-// One task per (row, 4 heads): each key is loaded once for those heads; OpenMP over tasks at torch's
-// thread count. Chosen against the torch
+// One task per (row, 4 heads): scores in register blocks of 3 keys x 4 heads, the weighted sum of
+// values in blocks of 16 columns x 4 heads; OpenMP over tasks at torch's thread count. Chosen against the torch
 // backends by measurement (nanoseek/engine/backends: choose_backend).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,6 +17,85 @@
 #include <vector>
 
 #include "gemv_blocks.h"
+
+namespace {
+
+// s[j * 4 + h] = q[h] . k_j for 4 query rows q [4, D] and S keys (pointers, D floats each).
+// Register blocks of 3 keys x 4 heads: 7 loads feed 12 FMAs; a key's 4 sums leave as one __m128.
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d), abcd = _mm256_hadd_ps(ab, cd);
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+inline void scores_4heads(const float* q, const float* const* keys, int64_t S, int64_t D, float* s) {
+  const int64_t D8 = D & ~int64_t(7);
+  const float *q0 = q, *q1 = q + D, *q2 = q + 2 * D, *q3 = q + 3 * D;
+  for (int64_t j = 0; j < S; j += 3) {
+    const float* k0 = keys[j];
+    const float* k1 = keys[std::min(j + 1, S - 1)];  // past the end: recompute the last key, unused
+    const float* k2 = keys[std::min(j + 2, S - 1)];
+    __m256 a[12];
+    for (int r = 0; r < 12; ++r) a[r] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D8; d += 8) {
+      const __m256 v0 = _mm256_loadu_ps(k0 + d), v1 = _mm256_loadu_ps(k1 + d), v2 = _mm256_loadu_ps(k2 + d);
+      __m256 x = _mm256_loadu_ps(q0 + d);
+      a[0] = _mm256_fmadd_ps(v0, x, a[0]); a[4] = _mm256_fmadd_ps(v1, x, a[4]); a[8] = _mm256_fmadd_ps(v2, x, a[8]);
+      x = _mm256_loadu_ps(q1 + d);
+      a[1] = _mm256_fmadd_ps(v0, x, a[1]); a[5] = _mm256_fmadd_ps(v1, x, a[5]); a[9] = _mm256_fmadd_ps(v2, x, a[9]);
+      x = _mm256_loadu_ps(q2 + d);
+      a[2] = _mm256_fmadd_ps(v0, x, a[2]); a[6] = _mm256_fmadd_ps(v1, x, a[6]); a[10] = _mm256_fmadd_ps(v2, x, a[10]);
+      x = _mm256_loadu_ps(q3 + d);
+      a[3] = _mm256_fmadd_ps(v0, x, a[3]); a[7] = _mm256_fmadd_ps(v1, x, a[7]); a[11] = _mm256_fmadd_ps(v2, x, a[11]);
+    }
+    const float* kk[3] = {k0, k1, k2};
+    for (int64_t r = 0; r < 3 && j + r < S; ++r) {
+      __m128 v = hsum4(a[4 * r], a[4 * r + 1], a[4 * r + 2], a[4 * r + 3]);
+      if (D8 < D)
+        v = _mm_add_ps(v, _mm_setr_ps(nanoseek::dot_tail(kk[r], q0, D8, D), nanoseek::dot_tail(kk[r], q1, D8, D),
+                                      nanoseek::dot_tail(kk[r], q2, D8, D), nanoseek::dot_tail(kk[r], q3, D8, D)));
+      _mm_storeu_ps(s + (j + r) * 4, v);
+    }
+  }
+}
+
+// o[h, c] = sum_j p[j * 4 + h] * k_j[c] for 4 heads, c < V: columns 16 at a time (8 accumulators,
+// each key's 2 loads + 4 broadcasts feed 8 FMAs), then 8, then one by one.
+inline void weighted_values_4heads(const float* p, const float* const* keys, int64_t S, int64_t V, float* o) {
+  int64_t c = 0;
+  for (; c + 16 <= V; c += 16) {
+    __m256 a[8];
+    for (int r = 0; r < 8; ++r) a[r] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < S; ++j) {
+      const __m256 v0 = _mm256_loadu_ps(keys[j] + c), v1 = _mm256_loadu_ps(keys[j] + c + 8);
+      for (int h = 0; h < 4; ++h) {
+        const __m256 w = _mm256_broadcast_ss(p + j * 4 + h);
+        a[2 * h] = _mm256_fmadd_ps(w, v0, a[2 * h]);
+        a[2 * h + 1] = _mm256_fmadd_ps(w, v1, a[2 * h + 1]);
+      }
+    }
+    for (int h = 0; h < 4; ++h) {
+      _mm256_storeu_ps(o + h * V + c, a[2 * h]);
+      _mm256_storeu_ps(o + h * V + c + 8, a[2 * h + 1]);
+    }
+  }
+  for (; c + 8 <= V; c += 8) {
+    __m256 a[4];
+    for (int r = 0; r < 4; ++r) a[r] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < S; ++j) {
+      const __m256 v = _mm256_loadu_ps(keys[j] + c);
+      for (int h = 0; h < 4; ++h) a[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j * 4 + h), v, a[h]);
+    }
+    for (int h = 0; h < 4; ++h) _mm256_storeu_ps(o + h * V + c, a[h]);
+  }
+  for (; c < V; ++c)
+    for (int h = 0; h < 4; ++h) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < S; ++j) acc += p[j * 4 + h] * keys[j][c];
+      o[h * V + c] = acc;
+    }
+}
+
+}  // namespace
 
 at::Tensor paged_latent_decode(const at::Tensor& pool, const at::Tensor& q, const at::Tensor& block_tables,
                                const at::Tensor& seq_lens, double scale, int64_t value_dim) {
@@ -55,19 +134,20 @@ at::Tensor paged_latent_decode(const at::Tensor& pool, const at::Tensor& q, cons
   const int64_t groups = (H + 3) / 4;  // a task: one row, up to 4 heads (each key loaded once for them)
 #pragma omp parallel num_threads(threads) if (threads > 1 && B * H * longest * D >= 65536)
   {
-    std::vector<float> s(longest * 4);
+    std::vector<float> s(longest * 4 + 8), qbuf(4 * D), o4(4 * V);
+    std::vector<const float*> keys(longest);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < B * groups; ++t) {
       const int64_t b = t / groups, h0 = 4 * (t % groups), nh = std::min<int64_t>(4, H - h0), S = Ls[b];
-      const float* qv = Q + (b * H + h0) * D;  // nh query rows of D
-      for (int64_t k = 0; k * bs < S; ++k)  // scores s[j * 4 + hh] = q_hh . kv_j, a block of keys at a time
-        nanoseek::gemv_range(qv, D, P + T[b * nb + k] * bs * D, D, std::min(bs, S - k * bs), s.data() + k * bs * 4,
-                             4, 0, nh);
+      // 4 query rows (a short last group repeats its first head; those lanes are never read)
+      for (int64_t hh = 0; hh < 4; ++hh)
+        std::copy_n(Q + (b * H + h0 + (hh < nh ? hh : 0)) * D, D, qbuf.data() + hh * D);
+      for (int64_t j = 0; j < S; ++j) keys[j] = P + (T[b * nb + j / bs] * bs + j % bs) * D;
+      scores_4heads(qbuf.data(), keys.data(), S, D, s.data());  // s[j * 4 + hh] = q_hh . kv_j
       // softmax over j of each head: the 4 heads of key j sit side by side, so two keys are one vector
-      float mx[4] = {0.f, 0.f, 0.f, 0.f}, inv[4] = {0.f, 0.f, 0.f, 0.f};  // lanes past nh: finite, unused
-      for (int64_t hh = 0; hh < nh; ++hh) mx[hh] = -INFINITY;
+      float mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY}, inv[4];
       for (int64_t j = 0; j < S; ++j)
-        for (int64_t hh = 0; hh < nh; ++hh) mx[hh] = std::max(mx[hh], sc * s[j * 4 + hh]);
+        for (int64_t hh = 0; hh < 4; ++hh) mx[hh] = std::max(mx[hh], sc * s[j * 4 + hh]);
       const __m256 vmx = _mm256_setr_ps(mx[0], mx[1], mx[2], mx[3], mx[0], mx[1], mx[2], mx[3]);
       const __m256 vsc = _mm256_set1_ps(sc);
       __m256 vsum = _mm256_setzero_ps();
@@ -79,24 +159,15 @@ at::Tensor paged_latent_decode(const at::Tensor& pool, const at::Tensor& q, cons
       }
       float sums[8];
       _mm256_storeu_ps(sums, vsum);
-      for (int64_t hh = 0; hh < nh; ++hh) {
+      for (int64_t hh = 0; hh < 4; ++hh) {
         float sum = sums[hh] + sums[4 + hh];
         if (j < S) sum += (s[j * 4 + hh] = std::exp(sc * s[j * 4 + hh] - mx[hh]));  // an odd last key
         inv[hh] = 1.f / sum;
-        std::fill(O + (b * H + h0 + hh) * V, O + (b * H + h0 + hh + 1) * V, 0.f);
       }
-      for (int64_t j = 0; j < S; ++j) {  // out[hh] += p[j, hh] * kv_j[:V]
-        const float* kv = P + (T[b * nb + j / bs] * bs + j % bs) * D;
-        for (int64_t hh = 0; hh < nh; ++hh) {
-          float* o = O + (b * H + h0 + hh) * V;
-          const float pj = s[j * 4 + hh] * inv[hh];
-          const __m256 p = _mm256_set1_ps(pj);
-          int64_t c = 0;
-          for (; c + 7 < V; c += 8)
-            _mm256_storeu_ps(o + c, _mm256_fmadd_ps(p, _mm256_loadu_ps(kv + c), _mm256_loadu_ps(o + c)));
-          for (; c < V; ++c) o[c] += pj * kv[c];
-        }
-      }
+      for (int64_t j = 0; j < S; ++j)
+        for (int64_t hh = 0; hh < 4; ++hh) s[j * 4 + hh] *= inv[hh];
+      weighted_values_4heads(s.data(), keys.data(), S, V, o4.data());
+      for (int64_t hh = 0; hh < nh; ++hh) std::copy_n(o4.data() + hh * V, V, O + (b * H + h0 + hh) * V);
     }
   }
   return out;
