@@ -138,6 +138,8 @@ class CompiledDecode:
             self.compile_seconds[key] = time.perf_counter() - t
             log.info("compiled the decode step for batch %d, %d blocks per row in %.1f s", B, nb,
                      self.compile_seconds[key])
+        if sample_rows == list(range(len(sample_rows))):  # the usual case: every real row samples
+            return logits[: len(sample_rows)]  # a view, not a gather (190 us for 8 rows of 8,192 here)
         return logits[torch.tensor(sample_rows, device=logits.device)]
 
     def _eager(self, token_ids, meta, sample_rows):

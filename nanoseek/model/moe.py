@@ -86,6 +86,11 @@ class Router(nn.Module):
         else:
             self.e_score_correction_bias = None
 
+    def dispatch_weights(self) -> list:
+        """The router's [E, C] projection: linear.tune times its kernels too (MKL's mm for one row was
+        11-22 us here, the gemv kernel a few)."""
+        return [self.weight]
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = linear(x.float(), self.weight.float())  # [N, E], fp32 as in the published models
         bias = None if self.e_score_correction_bias is None else self.e_score_correction_bias.float()
