@@ -187,14 +187,17 @@ def indexed_experts(x, idx, weights, gate_up, down, out: torch.Tensor | None = N
     return y
 
 
-def fused_experts(x, idx, weights, gate_up, down) -> torch.Tensor:
+def fused_experts(x, idx, weights, gate_up, down, shared: MLP | None = None) -> torch.Tensor:
     """nanoseek::moe_experts, the C++ op (nanoseek/model/csrc/cpu_moe.cpp): every chosen expert's
     SwiGLU on its tokens, weighted and summed, in one call; each active expert's weights read once.
     No host read in the caller, so it also runs inside compiled graphs. Where it does not apply
-    (fused_ok), the same result through dense_experts."""
+    (fused_ok), the same result through dense_experts. shared: the layer's shared MLP (fused_shared_ok),
+    added to the result inside the same op."""
     if not (gate_up.is_contiguous() and down.is_contiguous()):  # a layout tune() chose for F.linear
-        return dense_experts(x, idx, weights, gate_up, down)
-    return torch.ops.nanoseek.moe_experts(x, idx, weights, gate_up, down).to(x.dtype)
+        y = dense_experts(x, idx, weights, gate_up, down)
+        return y if shared is None else y + shared(x)
+    s = () if shared is None else (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
+    return torch.ops.nanoseek.moe_experts(x, idx, weights, gate_up, down, *s).to(x.dtype)
 
 
 def fused_ok(gate_up, down) -> bool:
@@ -202,6 +205,13 @@ def fused_ok(gate_up, down) -> bool:
     fp32 CPU tensors, both row-major (tune() may lay either out column-major for F.linear)."""
     return all(isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.device.type == "cpu"
                and w.is_contiguous() for w in (gate_up, down)) and cpu_kernels.load()
+
+
+def fused_shared_ok(mlp: MLP) -> bool:
+    """Whether the fused op can take the shared MLP too: fp32 CPU weights, row-major, no biases."""
+    ws = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    return all(m.bias is None for m in ws) and fused_ok(mlp.gate_proj.weight, mlp.down_proj.weight) \
+        and all(isinstance(m.weight, torch.Tensor) and m.weight.is_contiguous() for m in ws)
 
 
 # Inference dispatch of Experts.forward: "sorted" (pairs sorted by expert, then expert_ffn; reads the
@@ -339,6 +349,11 @@ class MoE(nn.Module):
         flat = x.reshape(-1, shape[-1])  # [N, C]
         weights, idx, scores = self.gate(flat)
         impl = dispatch_impl(flat.shape[0], self.experts.gate_up_proj)
+        shared = self.shared_experts
+        if impl == "fused" and shared is not None and fused_shared_ok(shared):  # routed + shared: one op
+            ex = self.experts
+            y = FIXED[impl](flat, idx, weights, ex.gate_up_proj, ex.down_proj, shared=shared)
+            return y.view(shape), RouterStats(scores=scores, topk_idx=idx)
         if impl == "indexed" and self.shared_experts is not None:  # routed experts added onto the shared
             y = self.experts(flat, idx, weights, impl, out=self.shared_experts(flat)).view(shape)
         else:

@@ -82,6 +82,18 @@ def test_fused_experts_equal_the_indexed_loop(tokens):
     col = down.transpose(-1, -2).contiguous().transpose(-1, -2)  # a column-major layout from tune()
     assert moe_mod.fused_ok(gate_up, down) and not moe_mod.fused_ok(gate_up, col)
     torch.testing.assert_close(moe_mod.fused_experts(x, idx, w, gate_up, col), want, rtol=1e-5, atol=1e-5)
+    shared = moe_mod.MLP(C, 2 * I + 4)  # an intermediate size that is no multiple of the row blocks
+    with torch.no_grad():
+        for p in shared.parameters():
+            p.normal_(0, 0.2, generator=g)
+        want_shared = want + shared(x)
+        for down_w in (down, col):  # the op, and the fallback
+            torch.testing.assert_close(moe_mod.fused_experts(x, idx, w, gate_up, down_w, shared=shared), want_shared,
+                                       rtol=1e-5, atol=1e-5)
+    assert moe_mod.fused_shared_ok(shared) and not moe_mod.fused_shared_ok(moe_mod.MLP(C, I, bias=True))
+    with pytest.raises(RuntimeError, match=r"shared_gate and shared_up \[Is, C\], shared_down \[C, Is\]"):
+        torch.ops.nanoseek.moe_experts(x, idx, w, gate_up, down, shared.gate_proj.weight, shared.up_proj.weight,
+                                       shared.gate_proj.weight)
 
 
 @needs_kernels
@@ -127,9 +139,9 @@ def test_engine_with_the_cpu_kernels_chosen_gives_the_reference_greedy_tokens():
     moe_mod._DISPATCH_CHOICE.update({(rc, E, I2, C): "fused" for rc in lin.ROW_CLASSES})
     calls = []
 
-    def spy(x, *a):  # the fused op, counting the rows it gets
-        calls.append(x.shape[0])
-        return moe_mod.fused_experts(x, *a)
+    def spy(x, *a, **kw):  # the fused op, counting the rows it gets
+        calls.append((x.shape[0], kw.get("shared") is not None))
+        return moe_mod.fused_experts(x, *a, **kw)
 
     try:
         with pytest.MonkeyPatch.context() as mp:
@@ -139,4 +151,4 @@ def test_engine_with_the_cpu_kernels_chosen_gives_the_reference_greedy_tokens():
         lin.clear_choices()
         moe_mod.clear_dispatch_choices()
     assert got == want
-    assert 3 in calls  # the three sequences decoded together through the fused op
+    assert (3, True) in calls  # the three sequences decoded together, shared experts in the same op
