@@ -4,6 +4,7 @@ hits, and continuous batching — side by side in one run on one checkpoint.
     .venv/bin/python bench/engine.py                 # all four tables (a few minutes on 2 cores)
     .venv/bin/python bench/engine.py --only decode
     .venv/bin/python bench/engine.py --only profile  # where a B=1 decode token goes: matmuls vs the rest
+    .venv/bin/python bench/engine.py --only profile --compiled   # ... and the compiled step's token
     .venv/bin/python bench/engine.py --only decode --compiled   # + the compiled decode step (warm-up!)
 
 Model: configs/bench-v2-small.json with random weights, saved once and loaded by both engines.
@@ -181,16 +182,22 @@ def bench_batching(ours, cfg):
     print(f"| 16 concurrent | {t_all:.2f} | {16 * 64 / t_all:.0f} ({t_seq / t_all:.1f}x) |")
 
 
-def bench_profile(ours, cfg, steps: int = 32):
-    """Where a B=1 decode token goes: torch.profiler self time of the matmul ops vs everything else."""
+def bench_profile(ours, cfg, steps: int = 32, compiled: bool = False):
+    """Where a B=1 decode token goes: torch.profiler self time of the matmul ops vs everything else
+    (compiled: the compiled step's, whose generated C++ kernels count as "outside")."""
     from torch.profiler import ProfilerActivity, profile
 
-    print(f"\n## Profile of a B=1 decode token (bench-v2-small, 512-token prompt) — {load()}\n")
-    e = LLMEngine(ours, num_blocks=40, max_num_seqs=1)
-    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    step = "compiled" if compiled else "eager"
+    print(f"\n## Profile of a B=1 decode token, {step} step (bench-v2-small, 512-token prompt) — {load()}\n")
+    e = LLMEngine(ours, num_blocks=48, max_num_seqs=1, enforce_eager=not compiled)
+    params = SamplingParams(temperature=0, max_tokens=2 * steps + 8, ignore_eos=True)
     e.add_request("p", {"prompt_token_ids": random_prompts(1, PROMPT_LEN, cfg.vocab_size, 3)[0]}, params)
-    for _ in range(4):
+    for _ in range(4):  # prefill, and the compiled step's warm-up
         e.step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        e.step()
+    print(f"unprofiled: {(time.perf_counter() - t) / steps * 1e3:.2f} ms per token")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t = time.perf_counter()
         for _ in range(steps):
@@ -201,8 +208,8 @@ def bench_profile(ours, cfg, steps: int = 32):
     rows = [(ev.key, ev.self_cpu_time_total / steps, ev.count / steps) for ev in prof.key_averages()]
     in_mm = sum(t for k, t, _ in rows if k in mm) / 1e3
     ops = sum(c for k, _, c in rows if k.startswith("aten::"))
-    print(f"| wall ms / token (profiled) | matmul ms (mm, addmm, bmm, baddbmm, SDPA, nanoseek::gemv, "
-          f"nanoseek::moe_experts) | outside matmuls ms | aten ops / token |")
+    print(f"| wall ms / token (profiled) | matmul and attention ms (mm, addmm, bmm, baddbmm, SDPA, nanoseek::gemv, "
+          f"nanoseek::moe_experts, nanoseek::paged_latent_decode) | outside them ms | aten ops / token |")
     print("|---:|---:|---:|---:|")
     print(f"| {wall * 1e3:.2f} | {in_mm:.2f} | {wall * 1e3 - in_mm:.2f} | {ops:.0f} |")
     print("\ntop self-time ops per token:\n")
@@ -235,6 +242,8 @@ def main() -> None:
             bench_decode(ours, theirs, cfg, compiled=args.compiled, gguf_path=gguf_path)
         if args.only in (None, "profile"):
             bench_profile(ours, cfg)
+            if args.compiled:
+                bench_profile(ours, cfg, compiled=True)
         if args.only in (None, "kv"):
             bench_kv_bytes(ours, theirs, cfg)
         if args.only in (None, "ttft"):

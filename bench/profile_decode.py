@@ -45,7 +45,8 @@ from nanoseek.model.transformer import build_model  # noqa: E402
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul_out",
               "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_weight_int8pack_mm",
               "aten::_weight_int4pack_mm_for_cpu", "aten::_grouped_mm",
-              "nanoseek::gemv", "nanoseek::moe_experts"}  # nanoseek's C++ CPU kernels (model/csrc)
+              "nanoseek::gemv", "nanoseek::moe_experts",  # nanoseek's C++ CPU kernels (model/csrc)
+              "nanoseek::paged_latent_decode", "aoti_torch_cpu_mm_out", "aoti_torch_cpu_bmm_out"}  # and in compiled steps
 # module classes labelled in the profile (the innermost label owns an op)
 LABELLED = ("MLA", "GQA", "Router", "Experts", "MLP", "RMSNorm", "Embedding")
 
