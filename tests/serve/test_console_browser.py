@@ -124,7 +124,12 @@ def test_sign_in_rejects_a_bad_key_and_shows_the_balance(tab, server, keys):
     tab.page.fill("#key-input", secret)
     tab.page.click("#sign-in-form button")
     expected = format_money(server.state.accounts.get_key(alice.id).available)
-    tab.page.wait_for_function("document.querySelector('#balance').textContent !== '–'")
+    # not wait_for_function("..."): a string predicate that is false at first is polled through eval,
+    # which the console's Content-Security-Policy refuses (so the wait failed whenever the balance
+    # came after the first check); Playwright's own assertions run in its injected script
+    from playwright.sync_api import expect
+
+    expect(tab.page.locator("#balance")).not_to_have_text("–", timeout=TIMEOUT_MS)
     assert tab.page.inner_text("#balance") == expected
     assert not tab.page.locator("#nav-admin").is_visible()
     assert secret not in tab.page.url and all(secret not in u for u in tab.requests)
