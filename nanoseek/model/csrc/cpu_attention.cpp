@@ -29,30 +29,17 @@ inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
 
 inline void scores_4heads(const float* q, const float* const* keys, int64_t S, int64_t D, float* s) {
   const int64_t D8 = D & ~int64_t(7);
-  const float *q0 = q, *q1 = q + D, *q2 = q + 2 * D, *q3 = q + 3 * D;
+  const float* qr[4] = {q, q + D, q + 2 * D, q + 3 * D};
   for (int64_t j = 0; j < S; j += 3) {
-    const float* k0 = keys[j];
-    const float* k1 = keys[std::min(j + 1, S - 1)];  // past the end: recompute the last key, unused
-    const float* k2 = keys[std::min(j + 2, S - 1)];
-    __m256 a[12];
-    for (int r = 0; r < 12; ++r) a[r] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D8; d += 8) {
-      const __m256 v0 = _mm256_loadu_ps(k0 + d), v1 = _mm256_loadu_ps(k1 + d), v2 = _mm256_loadu_ps(k2 + d);
-      __m256 x = _mm256_loadu_ps(q0 + d);
-      a[0] = _mm256_fmadd_ps(v0, x, a[0]); a[4] = _mm256_fmadd_ps(v1, x, a[4]); a[8] = _mm256_fmadd_ps(v2, x, a[8]);
-      x = _mm256_loadu_ps(q1 + d);
-      a[1] = _mm256_fmadd_ps(v0, x, a[1]); a[5] = _mm256_fmadd_ps(v1, x, a[5]); a[9] = _mm256_fmadd_ps(v2, x, a[9]);
-      x = _mm256_loadu_ps(q2 + d);
-      a[2] = _mm256_fmadd_ps(v0, x, a[2]); a[6] = _mm256_fmadd_ps(v1, x, a[6]); a[10] = _mm256_fmadd_ps(v2, x, a[10]);
-      x = _mm256_loadu_ps(q3 + d);
-      a[3] = _mm256_fmadd_ps(v0, x, a[3]); a[7] = _mm256_fmadd_ps(v1, x, a[7]); a[11] = _mm256_fmadd_ps(v2, x, a[11]);
-    }
-    const float* kk[3] = {k0, k1, k2};
+    // past the end: recompute the last key, unused
+    const float* kr[3] = {keys[j], keys[std::min(j + 1, S - 1)], keys[std::min(j + 2, S - 1)]};
+    __m256 a[12];  // a[3 * head + key]
+    nanoseek::dot_3x4(kr, qr, D8, nullptr, D, a);
     for (int64_t r = 0; r < 3 && j + r < S; ++r) {
-      __m128 v = hsum4(a[4 * r], a[4 * r + 1], a[4 * r + 2], a[4 * r + 3]);
+      __m128 v = hsum4(a[r], a[3 + r], a[6 + r], a[9 + r]);
       if (D8 < D)
-        v = _mm_add_ps(v, _mm_setr_ps(nanoseek::dot_tail(kk[r], q0, D8, D), nanoseek::dot_tail(kk[r], q1, D8, D),
-                                      nanoseek::dot_tail(kk[r], q2, D8, D), nanoseek::dot_tail(kk[r], q3, D8, D)));
+        v = _mm_add_ps(v, _mm_setr_ps(nanoseek::dot_tail(kr[r], qr[0], D8, D), nanoseek::dot_tail(kr[r], qr[1], D8, D),
+                                      nanoseek::dot_tail(kr[r], qr[2], D8, D), nanoseek::dot_tail(kr[r], qr[3], D8, D)));
       _mm_storeu_ps(s + (j + r) * 4, v);
     }
   }
