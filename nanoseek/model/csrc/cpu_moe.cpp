@@ -9,7 +9,7 @@
 // them, then SwiGLU and the down products, each thread taking blocks of 12 weight rows. Every active
 // expert's weights are read once per step, whatever its number of tokens; no Python loop, no host
 // read in the caller, so the op also sits inside a compiled decode graph (torch.compile). The shared
-// MLP's rows join the same passes (its 4 projections and SwiGLU would be 4 parallel regions more).
+// MLP's rows join the same passes (its three projections and SwiGLU would be four regions more).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
