@@ -200,24 +200,24 @@ def fused_experts(x, idx, weights, gate_up, down, shared: MLP | None = None) -> 
     return torch.ops.nanoseek.moe_experts(x, idx, weights, gate_up, down, *s).to(x.dtype)
 
 
-def fused_ok(gate_up, down) -> bool:
-    """Whether fused_experts applies to these stacked weights on this host (builds the op on first use):
-    fp32 CPU tensors, both row-major (tune() may lay either out column-major for F.linear)."""
+def fused_ok(*weights) -> bool:
+    """Whether fused_experts applies to these weights on this host (builds the op on first use): fp32
+    CPU tensors, all row-major (tune() may lay any out column-major for F.linear)."""
     return all(isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.device.type == "cpu"
-               and w.is_contiguous() for w in (gate_up, down)) and cpu_kernels.load()
+               and w.is_contiguous() for w in weights) and cpu_kernels.load()
 
 
 def fused_shared_ok(mlp: MLP) -> bool:
-    """Whether the fused op can take the shared MLP too: fp32 CPU weights, row-major, no biases."""
+    """Whether the fused op can take the shared MLP too: fused_ok weights and no biases."""
     ws = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    return all(m.bias is None for m in ws) and fused_ok(mlp.gate_proj.weight, mlp.down_proj.weight) \
-        and all(isinstance(m.weight, torch.Tensor) and m.weight.is_contiguous() for m in ws)
+    return all(m.bias is None for m in ws) and fused_ok(*(m.weight for m in ws))
 
 
 # Inference dispatch of Experts.forward: "sorted" (pairs sorted by expert, then expert_ffn; reads the
 # per-expert counts on the host), "indexed" (indexed_experts; CPU only) or one of the fixed-shape
-# variants above ("fused" where fused_ok). Which is fastest depends on the host and the number of tokens N, so tune_dispatch
-# measures it at engine start: (rows class of N, E, 2I, C) -> impl. Training (grad enabled) always takes "sorted".
+# variants above ("fused" where fused_ok). Which is fastest depends on the host and the number of
+# tokens N, so tune_dispatch measures it at engine start: (rows class of N, E, 2I, C) -> impl.
+# Training (grad enabled) always takes "sorted".
 FIXED = {"dense": dense_experts, "gather": gather_experts, "fused": fused_experts}
 _DISPATCH_CHOICE: dict[tuple[int, int, int, int], str] = {}
 _FIXED_CHOICE: dict[tuple[int, int, int, int], str] = {}  # the same among FIXED (compiled graphs)
@@ -354,10 +354,10 @@ class MoE(nn.Module):
             ex = self.experts
             y = FIXED[impl](flat, idx, weights, ex.gate_up_proj, ex.down_proj, shared=shared)
             return y.view(shape), RouterStats(scores=scores, topk_idx=idx)
-        if impl == "indexed" and self.shared_experts is not None:  # routed experts added onto the shared
-            y = self.experts(flat, idx, weights, impl, out=self.shared_experts(flat)).view(shape)
+        if impl == "indexed" and shared is not None:  # routed experts added onto the shared
+            y = self.experts(flat, idx, weights, impl, out=shared(flat)).view(shape)
         else:
             y = self.experts(flat, idx, weights, impl).view(shape)
-            if self.shared_experts is not None:
-                y = y + self.shared_experts(x)
+            if shared is not None:
+                y = y + shared(x)
         return y, RouterStats(scores=scores, topk_idx=idx)

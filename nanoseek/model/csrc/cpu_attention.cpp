@@ -4,8 +4,8 @@
 //   out[b, h] = sum_j softmax_j(scale * q[b, h] . kv_j) * kv_j[:value_dim],  j < seq_lens[b],
 //   kv_j = pool[block_tables[b, j / bs], j % bs]
 // One task per (row, 4 heads): scores in register blocks of 3 keys x 4 heads, the weighted sum of
-// values in blocks of 16 columns x 4 heads; OpenMP over tasks at torch's thread count. Chosen against the torch
-// backends by measurement (nanoseek/engine/backends: choose_backend).
+// values in blocks of 16 columns x 4 heads; OpenMP over tasks at torch's thread count. Chosen against
+// the torch backends by measurement (nanoseek/engine/backends: choose_backend).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -37,9 +37,11 @@ inline void scores_4heads(const float* q, const float* const* keys, int64_t S, i
     nanoseek::dot_3x4(kr, qr, D8, nullptr, D, a);
     for (int64_t r = 0; r < 3 && j + r < S; ++r) {
       __m128 v = hsum4(a[r], a[3 + r], a[6 + r], a[9 + r]);
-      if (D8 < D)
-        v = _mm_add_ps(v, _mm_setr_ps(nanoseek::dot_tail(kr[r], qr[0], D8, D), nanoseek::dot_tail(kr[r], qr[1], D8, D),
-                                      nanoseek::dot_tail(kr[r], qr[2], D8, D), nanoseek::dot_tail(kr[r], qr[3], D8, D)));
+      if (D8 < D) {  // the last D % 8 columns
+        float tail[4];
+        for (int h = 0; h < 4; ++h) tail[h] = nanoseek::dot_tail(kr[r], qr[h], D8, D);
+        v = _mm_add_ps(v, _mm_loadu_ps(tail));
+      }
       _mm_storeu_ps(s + (j + r) * 4, v);
     }
   }

@@ -2,8 +2,9 @@
 //
 // Decode multiplies 1-16 activation rows by each weight once, so it is bound by how fast the weight
 // streams from memory. Each thread takes whole blocks of 12 weight rows and runs every activation row
-// against them while they sit in L1 (gemv_blocks.h: register blocks of 4x2 rows, or 3x4 from 4 rows on). Built on first use
-// by nanoseek/model/cpu_kernels.py; `linear` takes it only where tune() measured it fastest.
+// against them while they sit in L1 (gemv_blocks.h: register blocks of 4x2 rows, or 3x4 from 4 rows
+// on). Built on first use by nanoseek/model/cpu_kernels.py; `linear` takes it only where tune()
+// measured it fastest.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
