@@ -1,5 +1,5 @@
-"""A compiled decode step: torch.compile (Inductor: C++ on CPU) or CUDA graphs over persistent buffers,
-one per (batch bucket, context bucket).
+"""A compiled decode step: torch.compile (Inductor: C++ on CPU; Triton replayed as CUDA graphs on
+CUDA) over persistent buffers, one per (batch bucket, context bucket).
 
     step = CompiledDecode(model, cache, backend, max_num_seqs=16)
     logits = step(token_ids, [(block_table, start), ...], rows)   # [len(rows), V]
@@ -99,9 +99,13 @@ class CompiledDecode:
 
         options = {"guard_filter_fn": step_guards}
         if self.compile_backend == "inductor" and dev.type == "cuda":
-            # mode "reduce-overhead": replay the step as a CUDA graph over these same buffers
-            # (UNTESTED HERE: no GPU in this project's CI)
+            # mode "reduce-overhead": replay the step as a CUDA graph (torch.compile takes a mode or
+            # options, not both). The graph writes the KV pools, which cudagraph trees allow only for
+            # static inputs, and the buffers stay put: both are marked static, so nothing is copied
+            # in and the step is not skipped for "mutated inputs".
             options["triton.cudagraphs"] = True
+            for t in [*bufs.values(), *self.cache.pools]:
+                torch._dynamo.mark_static_address(t)
         elif self.compile_backend == "inductor" and dev.type == "cpu":
             # a C++ wrapper calls the generated kernels (the Python one cost ~1.5 ms per B=1 token)
             options["cpp_wrapper"] = True
@@ -133,6 +137,8 @@ class CompiledDecode:
         bufs["slot_mapping"][n:] = self.cache.pad_slot
         first = key not in self.compile_seconds
         t = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed
         logits = fn(**bufs)  # [B, V]
         if first:
             self.compile_seconds[key] = time.perf_counter() - t

@@ -146,9 +146,10 @@ class LLMEngine:
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, self.block_manager,
                                    self.max_model_len, eos_token_ids=cfg.eos_token_ids, vocab_size=cfg.vocab_size)
         self.kernel_report: list[dict] = []
-        if tune_kernels and device.type == "cpu":  # pick this host's faster projection kernels
+        if tune_kernels:  # pick this host's faster kernels (the projections' choice exists on CPUs only)
             rows = min(MAX_ROWS, max_num_seqs)
-            self.kernel_report = tune(model, max_rows=rows) + tune_dispatch(model, max_rows=rows)
+            self.kernel_report = (tune(model, max_rows=rows) if device.type == "cpu" else []) \
+                + tune_dispatch(model, max_rows=rows)
             log.info("%s", format_report(self.kernel_report))
         self.backend, self.backend_timings = choose_backend(self.cache, cfg, attention_backend, max_num_seqs)
         log.info("attention backend: %s (decode timings: %s)", self.backend.name,

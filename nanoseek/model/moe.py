@@ -116,14 +116,17 @@ def expert_ffn(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, coun
     -> [M, C], each row through its own expert's SwiGLU. gate_up [E, 2I, C], down [E, C, I].
 
     impl: "grouped" (torch._grouped_mm, CUDA bf16), "loop" (one matmul per expert that has rows), or
-    "auto": grouped when rows and weights are both CUDA bf16. Experts.forward calls it with every
-    expert; expert parallel (nanoseek.train.distributed) with this rank's slice and the rows it
-    received. With no rows the result is still computed from xs, so that it stays in the autograd
-    graph (an expert-parallel rank that received nothing must still join the backward exchange)."""
+    "auto": grouped on CUDA in bf16, i.e. rows and weights both bf16, or bf16 autocast (the trainer's
+    mode on GPUs: fp32 weights, cast here as autocast casts a matmul's operands). Experts.forward
+    calls it with every expert; expert parallel (nanoseek.train.distributed) with this rank's slice and
+    the rows it received. With no rows the result is still computed from xs, so that it stays in the
+    autograd graph (an expert-parallel rank that received nothing must still join the backward exchange)."""
     if impl == "auto":  # quantised experts (not a tensor) take the loop, one expert's kernel at a time
         dense = isinstance(gate_up, torch.Tensor)
-        impl = "grouped" if dense and xs.is_cuda and xs.dtype == gate_up.dtype == torch.bfloat16 else "loop"
+        impl = "grouped" if dense and xs.is_cuda and _matmul_dtype(xs, gate_up) == torch.bfloat16 else "loop"
     if impl == "grouped":
+        dtype = _matmul_dtype(xs, gate_up)  # _grouped_mm takes one dtype and has no autocast rule
+        xs, gate_up, down = xs.to(dtype), gate_up.to(dtype), down.to(dtype)
         offs = counts.cumsum(0).to(torch.int32)
         h = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs)  # [M, 2I]
         g, u = h.chunk(2, dim=-1)
@@ -137,6 +140,14 @@ def expert_ffn(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, coun
         g, u = linear(xe, gate_ups[e]).chunk(2, dim=-1)  # [n_e, I] each
         chunks.append(linear(F.silu(g) * u, downs[e]))  # [n_e, C]
     return torch.cat(chunks) if chunks else xs * 0.0
+
+
+def _matmul_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of x and w computes in: autocast's where it is on for x's device."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) in (torch.bfloat16, torch.float16):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(x.dtype, w.dtype)
 
 
 def dense_experts(x, idx, weights, gate_up, down) -> torch.Tensor:
@@ -219,15 +230,21 @@ def fused_shared_ok(mlp: MLP) -> bool:
 # tokens N, so tune_dispatch measures it at engine start: (rows class of N, E, 2I, C) -> impl.
 # Training (grad enabled) always takes "sorted".
 FIXED = {"dense": dense_experts, "gather": gather_experts, "fused": fused_experts}
-_DISPATCH_CHOICE: dict[tuple[int, int, int, int], str] = {}
-_FIXED_CHOICE: dict[tuple[int, int, int, int], str] = {}  # the same among FIXED (compiled graphs)
+_DISPATCH_CHOICE: dict[tuple, str] = {}  # choice_key -> impl
+_FIXED_CHOICE: dict[tuple, str] = {}  # the same among FIXED (compiled graphs)
+
+
+def choice_key(n_tokens: int, gate_up: torch.Tensor) -> tuple:
+    """What a dispatch choice is kept under: the rows class of n_tokens and the experts' shape, device
+    and dtype (a CPU's "fused" must never reach a GPU model of the same shape in the same process)."""
+    return (row_class(n_tokens), *gate_up.shape, gate_up.device.type, gate_up.dtype)
 
 
 def dispatch_impl(n_tokens: int, gate_up) -> str:
     """The Experts.forward variant for n_tokens rows: "sorted" or a FIXED name."""
     if not isinstance(gate_up, torch.Tensor):  # quantised experts: "sorted", one expert's kernel at a time
         return "sorted"
-    key = (row_class(n_tokens), *gate_up.shape)
+    key = choice_key(n_tokens, gate_up)
     if torch.compiler.is_compiling():  # no host reads inside a compiled graph
         return _FIXED_CHOICE.get(key, "dense")
     if torch.is_grad_enabled() or n_tokens > MAX_ROWS:
@@ -287,12 +304,15 @@ class Experts(nn.Module):
 
 
 def _dispatch_timer(impl, experts, x, idx, weights, repeats: int = 5) -> float:
+    sync = torch.cuda.synchronize if x.is_cuda else lambda: None  # a GPU runs ahead of the host
     with torch.inference_mode():
         experts(x, idx, weights, impl)
         best = float("inf")
         for _ in range(repeats):
+            sync()
             t = time.perf_counter()
             experts(x, idx, weights, impl)
+            sync()
             best = min(best, time.perf_counter() - t)
     return best
 
@@ -327,8 +347,8 @@ def tune_dispatch(model: nn.Module, max_rows: int, timer=None, use_cache: bool =
             best = min(impls, key=lambda i: (timings[i], impls.index(i)))
             entry = {"kernel": best, "us": {i: t * 1e6 for i, t in timings.items()}}
             cached[key], fresh = entry, True
-        _DISPATCH_CHOICE[(rc, E, I2, C)] = entry["kernel"]
-        _FIXED_CHOICE[(rc, E, I2, C)] = min(FIXED, key=lambda i: entry["us"].get(i, float("inf")))
+        _DISPATCH_CHOICE[choice_key(rc, gate_up)] = entry["kernel"]
+        _FIXED_CHOICE[choice_key(rc, gate_up)] = min(FIXED, key=lambda i: entry["us"].get(i, float("inf")))
         report.append({"kind": "experts", "rows": rc, "out": I2, "in": C, **entry})
     if fresh:  # re-measured choices replace the cached ones
         save_host_cache(cached)

@@ -66,6 +66,15 @@ class CausalLM(nn.Module):
         inv_freq, self.rope_attn_factor = rope_inv_freq(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """Module.to and friends, except that inv_freq stays fp32 whatever dtype the weights take: in
+        bf16 (8 bits of mantissa) the angle of a pair at position 4,096 would be off by radians."""
+        out = super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:  # recomputed: the cast already lost the digits
+            cfg = self.config
+            self.inv_freq = rope_inv_freq(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)[0].to(self.inv_freq.device)
+        return out
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 attn_metadata: AttentionMetadata | None = None, *, return_router_stats: bool = False):
         """input_ids [B, T] -> the final (normed) hidden states [B, T, C]; logits via compute_logits.

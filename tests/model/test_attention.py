@@ -73,3 +73,21 @@ def test_absorbed_is_preferred_for_few_queries_only():
     cfg = tiny_v2(kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
     assert prefer_absorbed(cfg, 1)
     assert not prefer_absorbed(cfg, 2048)
+
+
+def test_a_bf16_model_keeps_its_rope_frequencies_in_fp32(tmp_path):
+    """Module.to(bf16) would round inv_freq to 8 bits of mantissa: at position 4,000 the rotation
+    of a pair would then be off by a third of a radian and more. Built, cast, moved or loaded in bf16, it stays fp32."""
+    from nanoseek.model.checkpoint import load_model, save_model
+    from nanoseek.model.rope import rope_cos_sin
+
+    cfg = tiny_v2(max_position_embeddings=8192)
+    fp32 = build_model(cfg, seed=1)
+    save_model(fp32, tmp_path / "ck")
+    for model in (build_model(cfg, seed=1, dtype=torch.bfloat16), fp32.to(torch.bfloat16).to(torch.float16),
+                  load_model(tmp_path / "ck", dtype=torch.bfloat16)):
+        assert model.inv_freq.dtype == torch.float32
+        torch.testing.assert_close(model.inv_freq, build_model(cfg, seed=None).inv_freq, rtol=0, atol=0)
+    pos = torch.tensor([[4000]])
+    rounded = build_model(cfg, seed=None).inv_freq.to(torch.bfloat16).float()  # what a cast would leave
+    assert (rope_cos_sin(rounded, pos)[0] - rope_cos_sin(fp32.inv_freq, pos)[0]).abs().max() > 0.1

@@ -135,8 +135,8 @@ def test_engine_with_the_cpu_kernels_chosen_gives_the_reference_greedy_tokens():
     lin.register_cpu_kernels()
     shapes = {(o, i) for (kind, o, i) in lin.model_weights(model) if kind == "dense"}
     lin.set_choices({("dense", rc, o, i): "gemv" for rc in lin.ROW_CLASSES for o, i in shapes})
-    E, I2, C = model.model.layers[1].mlp.experts.gate_up_proj.shape
-    moe_mod._DISPATCH_CHOICE.update({(rc, E, I2, C): "fused" for rc in lin.ROW_CLASSES})
+    gate_up = model.model.layers[1].mlp.experts.gate_up_proj
+    moe_mod._DISPATCH_CHOICE.update({moe_mod.choice_key(rc, gate_up): "fused" for rc in lin.ROW_CLASSES})
     calls = []
 
     def spy(x, *a, **kw):  # the fused op, counting the rows it gets

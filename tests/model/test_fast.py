@@ -81,7 +81,7 @@ def test_indexed_dispatch_onto_the_shared_experts_equals_the_token_loop(make_cfg
     moe = model.model.layers[1].mlp
     assert isinstance(moe, MoE)
     x = torch.randn(1, tokens, cfg.hidden_size, generator=torch.Generator().manual_seed(tokens))
-    key = (moe_mod.row_class(tokens), *moe.experts.gate_up_proj.shape)
+    key = moe_mod.choice_key(tokens, moe.experts.gate_up_proj)
     moe_mod.clear_dispatch_choices()
     moe_mod._DISPATCH_CHOICE[key] = "indexed"
     try:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoseek.model.moe import MoE, RouterStats, route
+from nanoseek.model.moe import MoE, RouterStats, expert_ffn, route
 from nanoseek.model.transformer import build_model
 from tests.conftest import tiny_v2, tiny_v2_grouped, tiny_v3
 
@@ -139,3 +139,28 @@ def test_dispatch_tuning_takes_the_faster_impl_per_batch_size(tmp_path, monkeypa
         moe(torch.randn(1, 2, 64))  # 2 tokens: "sorted"
         assert calls == ["dense"]
     moe_mod.clear_dispatch_choices()
+
+
+def test_grouped_experts_under_bf16_autocast_match_the_loop_forward_and_backward():
+    """The trainer's GPU mode: fp32 weights under bf16 autocast. The grouped path casts its operands
+    as autocast would (torch._grouped_mm has no autocast rule); the loop gets autocast's casts. Here on
+    the CPU (CPU autocast, CPU _grouped_mm), with an expert that receives no rows."""
+    g = torch.Generator().manual_seed(7)
+    E, C, inter = 4, 64, 32
+    gate_up = (torch.randn(E, 2 * inter, C, generator=g) * 0.1).requires_grad_()
+    down = (torch.randn(E, C, inter, generator=g) * 0.1).requires_grad_()
+    counts = torch.tensor([3, 0, 5, 2])
+    xs = torch.randn(10, C, generator=g)
+    dy = torch.randn(10, C, generator=g)
+    outs = {}
+    for impl in ("loop", "grouped"):
+        x = xs.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = expert_ffn(x, gate_up, down, counts, impl)
+        assert y.dtype == torch.bfloat16
+        (y.float() * dy).sum().backward()
+        outs[impl] = (y.float(), x.grad, gate_up.grad.clone(), down.grad.clone())
+        gate_up.grad = down.grad = None
+    for a, b in zip(outs["loop"], outs["grouped"]):
+        assert ((a - b).norm() / b.norm()).item() < 2e-2
+    assert outs["grouped"][2][1].abs().sum() == 0  # expert 1 had no rows: no gradient
