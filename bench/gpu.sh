@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# nanoseek's CUDA checks on a GPU machine, in one go (a few minutes): the CUDA tests (tests/cuda:
-# forward vs CPU, bf16, grouped experts, the CUDA backend vs the reference, compiled CUDA-graph decode
-# vs eager, training steps), then bench/gpu.py. Every part runs even if one before it fails; the logs
-# go to $OUT (or ./gpu-logs). Uses the python that has a CUDA torch (PYTHON=...), with the repository
-# on PYTHONPATH when nanoseek is not installed there.
+# nanoseek's CUDA checks on a GPU machine, in one go: the CUDA tests (tests/cuda: forward vs CPU, bf16,
+# grouped experts, the CUDA backend vs the reference, compiled CUDA-graph decode vs eager, training
+# steps), then bench/gpu.py. On an H200 with empty compile caches: about 1 minute of tests and 5 of
+# benchmark, most of it Inductor compiling decode buckets. Every part runs even if one before it
+# fails; the logs go to $OUT (or ./gpu-logs). Uses the python that has a CUDA torch (PYTHON=...),
+# with the repository on PYTHONPATH when nanoseek is not installed there.
 #
 #     bash bench/gpu.sh                      # tests, then the benchmark
-#     bash bench/gpu.sh --batches 1 8        # arguments go to bench/gpu.py
+#     bash bench/gpu.sh --lite-batches 1 8   # arguments go to bench/gpu.py
 set -u
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
