@@ -28,11 +28,14 @@ from nanoseek.io import atomic_path
 
 def model_fingerprint(model: torch.nn.Module, cache_dtype: torch.dtype | None = None) -> str:
     """A stable id of the weights (and the cache dtype): config, every tensor's name, shape, dtype
-    and a strided sample of its values. Different weights -> different prefix hashes."""
+    and a strided sample of its values, the buffers that are not saved too (the rope frequencies,
+    which decide every cached key). Different weights -> different prefix hashes."""
     h = hashlib.blake2b(digest_size=16)
     h.update(repr(sorted(model.config.to_dict().items())).encode())
     h.update(str(cache_dtype).encode())
-    for name, t in model.state_dict().items():
+    tensors = dict(model.state_dict())
+    tensors.update((name, b) for name, b in model.named_buffers() if name not in tensors)
+    for name, t in tensors.items():
         flat = t.detach().reshape(-1)
         step = max(1, flat.numel() // 1024)
         sample = flat[::step][:1024].float().cpu().numpy().tobytes()

@@ -17,6 +17,7 @@ expert parallelism (nanoseek.train.distributed) calls too.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -123,7 +124,7 @@ def expert_ffn(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, coun
     autograd graph (an expert-parallel rank that received nothing must still join the backward exchange)."""
     if impl == "auto":  # quantised experts (not a tensor) take the loop, one expert's kernel at a time
         dense = isinstance(gate_up, torch.Tensor)
-        impl = "grouped" if dense and xs.is_cuda and _matmul_dtype(xs, gate_up) == torch.bfloat16 else "loop"
+        impl = "grouped" if dense and _grouped_mm_ok(xs) and _matmul_dtype(xs, gate_up) == torch.bfloat16 else "loop"
     if impl == "grouped":
         dtype = _matmul_dtype(xs, gate_up)  # _grouped_mm takes one dtype and has no autocast rule
         xs, gate_up, down = xs.to(dtype), gate_up.to(dtype), down.to(dtype)
@@ -140,6 +141,17 @@ def expert_ffn(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, coun
         g, u = linear(xe, gate_ups[e]).chunk(2, dim=-1)  # [n_e, I] each
         chunks.append(linear(F.silu(g) * u, downs[e]))  # [n_e, C]
     return torch.cat(chunks) if chunks else xs * 0.0
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    """Whether "auto" may take torch._grouped_mm for rows on x's device: CUDA, a torch that has it
+    (2.8+), and a Hopper or newer GPU (where 2.8 runs it; other GPUs take the loop)."""
+    return x.is_cuda and hasattr(torch, "_grouped_mm") and _capability(x.device.index or 0) >= (9, 0)
 
 
 def _matmul_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
@@ -304,7 +316,7 @@ class Experts(nn.Module):
 
 
 def _dispatch_timer(impl, experts, x, idx, weights, repeats: int = 5) -> float:
-    sync = torch.cuda.synchronize if x.is_cuda else lambda: None  # a GPU runs ahead of the host
+    sync = (lambda: torch.cuda.synchronize(x.device)) if x.is_cuda else lambda: None  # a GPU runs ahead
     with torch.inference_mode():
         experts(x, idx, weights, impl)
         best = float("inf")
@@ -333,8 +345,10 @@ def tune_dispatch(model: nn.Module, max_rows: int, timer=None, use_cache: bool =
     cached = load_host_cache() if use_cache else {}
     report, fresh = [], False
     gen = torch.Generator().manual_seed(0)
+    dev = gate_up.device  # a GPU's choice is kept under its model's name (the host key covers the CPU)
+    device_name = f"cuda {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else dev.type
     for rc in ROW_CLASSES[: ROW_CLASSES.index(row_class(max(1, min(max_rows, MAX_ROWS)))) + 1]:
-        key = f"experts|{rc}|{E}|{I2}|{C}|{K}|{gate_up.dtype}|{gate_up.device.type}"
+        key = f"experts|{rc}|{E}|{I2}|{C}|{K}|{gate_up.dtype}|{device_name}"
         entry = cached.get(key)
         if entry is None or set(entry.get("us", {})) != set(impls):  # new or changed candidates: measure
             x = torch.randn(rc, C, generator=gen).to(gate_up)

@@ -84,7 +84,8 @@ def test_a_bf16_model_keeps_its_rope_frequencies_in_fp32(tmp_path):
     cfg = tiny_v2(max_position_embeddings=8192)
     fp32 = build_model(cfg, seed=1)
     save_model(fp32, tmp_path / "ck")
-    for model in (build_model(cfg, seed=1, dtype=torch.bfloat16), fp32.to(torch.bfloat16).to(torch.float16),
+    for model in (build_model(cfg, seed=1, dtype=torch.bfloat16),
+                  build_model(cfg, seed=1).to(torch.bfloat16).to(torch.float16),
                   load_model(tmp_path / "ck", dtype=torch.bfloat16)):
         assert model.inv_freq.dtype == torch.float32
         torch.testing.assert_close(model.inv_freq, build_model(cfg, seed=None).inv_freq, rtol=0, atol=0)
