@@ -10,7 +10,8 @@ are copied into that bucket's persistent buffers and the bucket's compiled funct
 Padding rows attend only to the cache's reserved padding block and their logits are never returned;
 padding keys of real rows are masked by their sequence lengths, so padding never reaches a result.
 
-Compilation happens once per bucket, at most `max_buckets` of them (then the step runs eagerly);
+Compilation happens once per bucket, at most `max_buckets` of them (then the step runs eagerly), when a
+step first needs the bucket or ahead of that with `warmup(context_tokens)` (LLMEngine.warmup_decode);
 Inductor keeps its generated code in its on-disk cache (TORCHINDUCTOR_CACHE_DIR), so a restart on
 the same host reuses it. enforce_eager (LLMEngine / --enforce-eager) turns all of this off.
 Each bucket's step has a code object of its own: Dynamo keeps compiled entries per code object and
@@ -74,8 +75,15 @@ def step_guards(entries) -> list[bool]:
 
 class CompiledDecode:
     def __init__(self, model, cache: PagedKVCache, backend, max_num_seqs: int, max_buckets: int = 16,
-                 compile_backend: str = "inductor"):
+                 compile_backend: str = "inductor", max_blocks_per_row: int | None = None):
+        """max_blocks_per_row: the most blocks a row can hold (the engine's context). Given, and where
+        the backend's decode reads only each row's own keys (its cost follows the sequence lengths,
+        not the width of the block tables), every step uses that one context bucket: a growing
+        context never compiles a new bucket, and warmup() covers every step."""
         self.model, self.cache, self.backend = model, cache, backend
+        dtype = next(model.parameters()).dtype
+        reads_own = getattr(backend, "reads_only_valid_keys", lambda dtype: False)(dtype)
+        self.fixed_blocks = max_blocks_per_row if max_blocks_per_row and reads_own else None
         self.batch_buckets = batch_buckets(max_num_seqs)
         self.max_buckets, self.compile_backend = max_buckets, compile_backend
         self.device = cache.device
@@ -113,13 +121,44 @@ class CompiledDecode:
         fn = torch.compile(step, backend=self.compile_backend, dynamic=False, fullgraph=False, options=options)
         return bufs, fn
 
+    def blocks_bucket(self, num_blocks: int) -> int:
+        """The context bucket (blocks per row) of a step whose longest row has num_blocks blocks."""
+        if self.fixed_blocks is not None and num_blocks <= self.fixed_blocks:
+            return self.fixed_blocks
+        return context_bucket(num_blocks)
+
+    def warmup(self, context_tokens: int, batches: list[int] | None = None) -> dict[tuple[int, int], float]:
+        """Compile the step for each batch bucket (default: all) at the context bucket of
+        `context_tokens` keys per row, before any request waits for it: {(B, blocks): seconds}. Each
+        runs twice on padding rows alone (the second call records the CUDA graph), which write only
+        the pool's padding block."""
+        nb = self.blocks_bucket(-(-max(1, context_tokens) // self.cache.block_size))
+        done = {}
+        with torch.inference_mode():  # the engine's steps run under it, and Dynamo guards on it
+            for B in batches or self.batch_buckets:
+                key = (bucket_of(B, self.batch_buckets), nb)
+                if key in self.compile_seconds or len(self.graphs) >= self.max_buckets:
+                    continue
+                t = time.perf_counter()
+                self.graphs[key] = bufs, fn = self._build(*key)
+                for _ in range(2):
+                    self._run(fn, bufs)
+                done[key] = self.compile_seconds[key] = time.perf_counter() - t
+                log.info("warmed up the decode step for batch %d, %d blocks per row in %.1f s", *key, done[key])
+        return done
+
+    def _run(self, fn, bufs) -> torch.Tensor:
+        if self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed
+        return fn(**bufs)  # [B, V]
+
     def __call__(self, token_ids: list[int], rows: list[tuple[list[int], int]], sample_rows: list[int]):
         """Logits [len(sample_rows), V] of one decode step: token_ids[i] is row i's new token at
         position rows[i][1] of the sequence whose blocks are rows[i][0]."""
         n = len(rows)
         meta = self.cache.metadata(self.backend, rows, num_new=1, absorb=True)
         B = bucket_of(n, self.batch_buckets)
-        nb = context_bucket(meta.block_tables.shape[1])
+        nb = self.blocks_bucket(meta.block_tables.shape[1])
         key = (B, nb)
         if key not in self.graphs:
             if len(self.graphs) >= self.max_buckets:
@@ -137,9 +176,7 @@ class CompiledDecode:
         bufs["slot_mapping"][n:] = self.cache.pad_slot
         first = key not in self.compile_seconds
         t = time.perf_counter()
-        if self.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed
-        logits = fn(**bufs)  # [B, V]
+        logits = self._run(fn, bufs)
         if first:
             self.compile_seconds[key] = time.perf_counter() - t
             log.info("compiled the decode step for batch %d, %d blocks per row in %.1f s", B, nb,

@@ -156,7 +156,8 @@ class LLMEngine:
                  {k: f"{v * 1e6:.0f} us" for k, v in self.backend_timings.items()})
         self.decode_step = None
         if not enforce_eager:
-            self.decode_step = CompiledDecode(model, self.cache, self.backend, max_num_seqs)
+            self.decode_step = CompiledDecode(model, self.cache, self.backend, max_num_seqs,
+                                              max_blocks_per_row=min(num_blocks, -(-self.max_model_len // block_size)))
         if not (decode_threads in ("auto", None) or type(decode_threads) is int and decode_threads >= 1):
             raise ValueError(f"decode_threads={decode_threads!r} must be 'auto', an integer >= 1 or None")
         self.decode_threads = None  # also when compiled: compiled code is guarded on the thread count
@@ -171,6 +172,19 @@ class LLMEngine:
         self._children: dict[Hashable, tuple[str, _Child]] = {}
         self._params: dict[str, SamplingParams] = {}
         self._grammars: Grammars | None = None
+
+    def warmup_decode(self, context_tokens: int | None = None) -> dict[tuple[int, int], float]:
+        """Compile the decode step of every batch bucket now, instead of when a step first needs one
+        (a compile takes seconds to a minute, and the requests of that step wait for it):
+        {(batch, blocks per row): seconds}. With the C++ attention one context bucket serves every
+        context, so this covers every decode step; otherwise it covers the context bucket of
+        context_tokens (default: 1,024 tokens or the whole context if shorter). Nothing when eager."""
+        if self.decode_step is None:
+            return {}
+        if context_tokens is None:
+            wide = self.decode_step.fixed_blocks is not None
+            context_tokens = self.max_model_len if wide else min(self.max_model_len, 1024)
+        return self.decode_step.warmup(context_tokens)
 
     @property
     def grammars(self) -> Grammars:

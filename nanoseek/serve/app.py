@@ -154,6 +154,11 @@ def load_state(config: ServeConfig, accounts=None, sheet=None, key_admin=None) -
                        max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=config.max_model_len,
                        kv_cache_bytes=config.kv_cache_bytes, cache_dir=config.cache_dir,
                        enforce_eager=config.enforce_eager)
+    if not config.enforce_eager:  # compile before serving, not while the first requests wait
+        t = time.perf_counter()
+        buckets = engine.warmup_decode()
+        logging.getLogger("nanoseek.serve").info("compiled %d decode buckets in %.0f s", len(buckets),
+                                                 time.perf_counter() - t)
     url = config.db or os.environ.get("NANOSEEK_DB") or DEFAULT_DB_URL
     return ServeState(engine, tokenizer, accounts or Accounts(url), sheet, config, key_admin=key_admin)
 

@@ -98,3 +98,44 @@ def test_one_sequence_decodes_through_the_compiled_step():
 def test_inductor_compiled_decode_equals_eager():
     """Inductor's generated C++ (minutes to compile on 2 cores): same tokens, logprobs to 1e-5."""
     compare("inductor", 1e-5)
+
+
+@pytest.mark.skipif(cpu_kernels.unsupported() is not None,
+                    reason=f"nanoseek's CPU kernels do not apply here: {cpu_kernels.unsupported()}")
+def test_warmup_compiles_every_batch_bucket_and_the_cpp_attention_needs_one_context_bucket():
+    """LLMEngine.warmup_decode compiles each batch bucket before any request (padding rows only: no
+    real block is written). With the C++ attention, whose cost follows the sequence lengths, one
+    context bucket (the whole context) serves every step: contexts that grow past several powers of two
+    blocks compile nothing new, and the tokens equal eager decode. The torch attention keeps
+    power-of-two context buckets (its cost follows their width)."""
+    model = build_model(tiny_v2(eos_token_id=None), seed=3).eval()
+    kw = dict(block_size=4, num_blocks=64, max_num_seqs=4, max_model_len=128)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, 96, (n,), generator=g).tolist() for n in (3, 6, 9)]  # 1-3 blocks ...
+    params = SamplingParams(temperature=0, max_tokens=20, logprobs=2)  # ... grow to 6-8 blocks
+
+    def generate(engine):
+        reqs = [engine.add_request(f"r{i}", {"prompt_token_ids": p}, params) for i, p in enumerate(prompts)]
+        while engine.has_unfinished_requests():
+            engine.step()
+        return [(r.outputs[0].token_ids, r.outputs[0].logprobs) for r in reqs]
+
+    want = generate(LLMEngine(model, attention_backend="cpu-kernel", **kw))
+    engine = LLMEngine(model, attention_backend="cpu-kernel", enforce_eager=False, **kw)
+    step = engine.decode_step
+    step.compile_backend = "eager"  # Dynamo's capture, no code generation (fast)
+    assert step.fixed_blocks == 32  # 128 tokens / 4
+    warmed = engine.warmup_decode()
+    assert set(warmed) == {(1, 32), (2, 32), (4, 32)}
+    assert all(p[:64].abs().sum() == 0 for p in engine.cache.pools)  # only the padding block written
+    got = generate(engine)
+    assert set(step.graphs) == set(warmed) and step.eager_steps == 0  # nothing compiled while serving
+    for (tokens, lps), (ref_tokens, ref_lps) in zip(got, want):
+        assert tokens == ref_tokens
+        assert max(abs(a[k] - b[k]) for a, b in zip(lps, ref_lps) for k in a) < 1e-5
+
+    torch_attention = LLMEngine(model, attention_backend="cpu", enforce_eager=False, **kw)
+    torch_attention.decode_step.compile_backend = "eager"
+    assert torch_attention.decode_step.fixed_blocks is None
+    assert set(torch_attention.warmup_decode(context_tokens=10)) == {(1, 4), (2, 4), (4, 4)}
+    assert torch_attention.decode_step.blocks_bucket(5) == 8
