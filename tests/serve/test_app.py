@@ -371,3 +371,20 @@ def test_restart_keeps_balances_and_ledger_and_releases_stale_holds(model_dir, d
     finally:
         second.stop()
         second.state.accounts.close()
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False])
+def test_a_compiled_server_compiles_its_decode_step_before_it_listens(model_dir, sheet, tmp_path, monkeypatch,
+                                                                      enforce_eager):
+    """--no-enforce-eager: load_state warms up every decode bucket (LLMEngine.warmup_decode) before the
+    app exists, so no request waits for a compile; eager servers skip it."""
+    from nanoseek.engine.llm import LLMEngine
+    from nanoseek.serve.app import ServeConfig, load_state
+
+    warmed = []
+    monkeypatch.setattr(LLMEngine, "warmup_decode", lambda self, context_tokens=None: warmed.append(self) or {})
+    state = load_state(ServeConfig(model_dir=str(model_dir), model_name=MODEL, db=f"sqlite:///{tmp_path}/a.db",
+                                   enforce_eager=enforce_eager), sheet=sheet)
+    llm = state.engine.engine  # the LLMEngine inside the server's AsyncEngine
+    assert warmed == ([] if enforce_eager else [llm])
+    assert (llm.decode_step is None) == enforce_eager
