@@ -151,7 +151,9 @@ def _capability(index: int) -> tuple[int, int]:
 def _grouped_mm_ok(x: torch.Tensor) -> bool:
     """Whether "auto" may take torch._grouped_mm for rows on x's device: CUDA, a torch that has it
     (2.8+), and a Hopper or newer GPU (where 2.8 runs it; other GPUs take the loop)."""
-    return x.is_cuda and hasattr(torch, "_grouped_mm") and _capability(x.device.index or 0) >= (9, 0)
+    if not (x.is_cuda and hasattr(torch, "_grouped_mm")):
+        return False
+    return _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) >= (9, 0)
 
 
 def _matmul_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
@@ -239,7 +241,8 @@ def fused_shared_ok(mlp: MLP) -> bool:
 # Inference dispatch of Experts.forward: "sorted" (pairs sorted by expert, then expert_ffn; reads the
 # per-expert counts on the host), "indexed" (indexed_experts; CPU only) or one of the fixed-shape
 # variants above ("fused" where fused_ok). Which is fastest depends on the host and the number of
-# tokens N, so tune_dispatch measures it at engine start: (rows class of N, E, 2I, C) -> impl.
+# tokens N, so tune_dispatch measures it at engine start: choice_key (rows class of N, the experts'
+# shape, device and dtype) -> impl.
 # Training (grad enabled) always takes "sorted".
 FIXED = {"dense": dense_experts, "gather": gather_experts, "fused": fused_experts}
 _DISPATCH_CHOICE: dict[tuple, str] = {}  # choice_key -> impl

@@ -39,10 +39,10 @@ from sqlalchemy import Engine, and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from . import leases as lease
-from .account_types import (MAX_AMOUNT, MAX_NAME, MAX_REQUEST_ID, SECRET_HEX_CHARS, SECRET_PREFIX,  # noqa: F401 (re-exported)
-                            AccountsError, DuplicateRequest, InsufficientBalance, Key, KeyNotFound, KeyRef,
-                            KeyRevoked, LedgerRow, NotReserved, OrphanReport, Reservation, Usage, hash_secret,
-                            new_secret, parse_amount)
+from .account_types import (  # noqa: F401 (all re-exported: callers import them from here)
+    MAX_AMOUNT, MAX_NAME, MAX_REQUEST_ID, SECRET_HEX_CHARS, SECRET_PREFIX, AccountsError, DuplicateRequest,
+    InsufficientBalance, Key, KeyNotFound, KeyRef, KeyRevoked, LedgerRow, NotReserved, OrphanReport, Reservation,
+    Usage, hash_secret, new_secret, parse_amount)
 from .db import DEFAULT_DB, api_keys, holds, ledger, leases, money, open_engine, read_only, topups, utcnow
 from .pricing import UnitPrices, request_cost
 
