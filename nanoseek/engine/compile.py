@@ -81,8 +81,7 @@ class CompiledDecode:
         not the width of the block tables), every step uses that one context bucket: a growing
         context never compiles a new bucket, and warmup() covers every step."""
         self.model, self.cache, self.backend = model, cache, backend
-        dtype = next(model.parameters()).dtype
-        reads_own = getattr(backend, "reads_only_valid_keys", lambda dtype: False)(dtype)
+        reads_own = backend.reads_only_valid_keys(next(model.parameters()).dtype)
         self.fixed_blocks = max_blocks_per_row if max_blocks_per_row and reads_own else None
         self.batch_buckets = batch_buckets(max_num_seqs)
         self.max_buckets, self.compile_backend = max_buckets, compile_backend

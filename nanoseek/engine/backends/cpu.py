@@ -65,9 +65,7 @@ class CPUKernelBackend(CPUDecodeBackend):
     name = "cpu-kernel"
 
     def reads_only_valid_keys(self, dtype: torch.dtype) -> bool:
-        """Whether decode with queries of this dtype reads only each row's seq_lens keys (the C++ op,
-        fp32), so that wider block tables cost nothing: the compiled step can use one context bucket."""
-        return dtype == self.cache.dtype == torch.float32
+        return dtype == self.cache.dtype == torch.float32  # the C++ op (fp32) reads each row's keys in place
 
     def latent_attention(self, layer_idx, q, new, meta, scale: float, value_dim: int) -> torch.Tensor:
         pool = self.cache.pools[layer_idx]

@@ -24,6 +24,12 @@ class ReferenceBackend:
     def __init__(self, cache: PagedKVCache):
         self.cache = cache
 
+    def reads_only_valid_keys(self, dtype: torch.dtype) -> bool:
+        """Whether decode with queries of this dtype reads only each row's seq_lens keys, so that the
+        width of the block tables costs nothing (then a compiled step needs one context bucket).
+        Not here: the gather reads every slot of the tables."""
+        return False
+
     def store(self, layer_idx: int, new: torch.Tensor, meta: AttentionMetadata) -> None:
         pool = self.cache.pools[layer_idx].view(-1, self.cache.dim)  # [blocks * block_size, D]
         pool.index_copy_(0, meta.slot_mapping, new.reshape(-1, new.shape[-1]).to(pool.dtype))
