@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # nanoseek's CUDA checks on a GPU machine, in one go: the CUDA tests (tests/cuda: forward vs CPU, bf16,
 # grouped experts, the CUDA backend vs the reference, compiled CUDA-graph decode vs eager, training
-# steps), then bench/gpu.py. On an H200 with empty compile caches: about 1 minute of tests and 5 of
-# benchmark, most of it Inductor compiling decode buckets. Every part runs even if one before it
+# steps), then bench/gpu.py. On an H200 with empty compile caches the tests took 59 s, and the
+# benchmark's default parts under 6.5 min, most of it Inductor compiling decode buckets (bench/RESULTS.md).
+# Every part runs even if one before it
 # fails; the logs go to $OUT (or ./gpu-logs). Uses the python that has a CUDA torch (PYTHON=...),
 # with the repository on PYTHONPATH when nanoseek is not installed there.
 #
