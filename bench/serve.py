@@ -141,12 +141,13 @@ def start_server(model: str, tmp: Path, extra: list[str]) -> tuple[subprocess.Po
                              "--max-concurrent", "0", *extra],
                             stdout=open(tmp / "serve.log", "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    wait = 900 if "--no-enforce-eager" in extra else 120  # a compiling server warms up before it listens
+    deadline = time.monotonic() + wait
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"nanoseek serve exited: {(tmp / 'serve.log').read_text()[-2000:]}")
         if time.monotonic() > deadline:
-            raise RuntimeError("nanoseek serve did not come up in 120 s")
+            raise RuntimeError(f"nanoseek serve did not come up in {wait} s")
         try:
             if httpx.get(url + "/health").status_code == 200:
                 return proc, url, key
