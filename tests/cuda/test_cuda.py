@@ -17,11 +17,11 @@ import torch
 from nanoseek.engine.backends import choose_backend
 from nanoseek.engine.compile import CompiledDecode
 from nanoseek.engine.llm import LLMEngine
-from nanoseek.engine.sampling import SamplingParams
 from nanoseek.model.moe import expert_ffn
 from nanoseek.model.transformer import build_model
 from tests.conftest import TINY, tiny_v2, tiny_v3
 from tests.engine.test_backends import scenario
+from tests.engine.test_compile import run
 
 pytestmark = pytest.mark.cuda
 DEV = torch.device("cuda")
@@ -113,15 +113,6 @@ def test_auto_backend_times_both_cuda_candidates():
     assert backend.name == "cuda"
 
 
-def generate(engine, prompts, max_tokens=6):
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=2)
-    reqs = [engine.add_request(f"r{i}", {"prompt_token_ids": p}, params) for i, p in enumerate(prompts)]
-    while engine.has_unfinished_requests():
-        engine.step()
-    assert [r.error for r in reqs] == [None] * len(reqs)
-    return [(r.outputs[0].token_ids, r.outputs[0].logprobs) for r in reqs]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_decode_replays_cuda_graphs_and_equals_eager(dtype):
     """B = 3 padded to the bucket of 4; fp32 logprobs to 1e-5, bf16 the same greedy tokens for the
@@ -133,12 +124,12 @@ def test_compiled_decode_replays_cuda_graphs_and_equals_eager(dtype):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 96, (n,), generator=g).tolist() for n in (5, 9, 13)]
     kw = dict(block_size=4, num_blocks=64, max_num_seqs=4, attention_backend="cuda")
-    want = generate(LLMEngine(model, **kw), prompts)
+    want = run(LLMEngine(model, **kw), prompts)
     engine = LLMEngine(model, **kw)
     step = CompiledDecode(model, engine.cache, engine.backend, max_num_seqs=4)
     engine.runner.decode_step = step
     counters.clear()
-    got = generate(engine, prompts)
+    got = run(engine, prompts)
     assert (4, 4) in step.graphs and step.eager_steps == 0
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
     manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)

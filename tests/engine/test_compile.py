@@ -38,8 +38,8 @@ def test_step_guards_keep_the_inputs_and_global_context_and_drop_the_model():
     torch.testing.assert_close(fn(x), lin(x).relu())
 
 
-def run(engine, prompts):
-    params = SamplingParams(temperature=0, max_tokens=6, logprobs=2)
+def run(engine, prompts, max_tokens: int = 6):
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=2)
     reqs = [engine.add_request(f"r{i}", {"prompt_token_ids": p}, params) for i, p in enumerate(prompts)]
     while engine.has_unfinished_requests():
         engine.step()
@@ -112,15 +112,7 @@ def test_warmup_compiles_every_batch_bucket_and_the_cpp_attention_needs_one_cont
     kw = dict(block_size=4, num_blocks=64, max_num_seqs=4, max_model_len=128)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 96, (n,), generator=g).tolist() for n in (3, 6, 9)]  # 1-3 blocks ...
-    params = SamplingParams(temperature=0, max_tokens=20, logprobs=2)  # ... grow to 6-8 blocks
-
-    def generate(engine):
-        reqs = [engine.add_request(f"r{i}", {"prompt_token_ids": p}, params) for i, p in enumerate(prompts)]
-        while engine.has_unfinished_requests():
-            engine.step()
-        return [(r.outputs[0].token_ids, r.outputs[0].logprobs) for r in reqs]
-
-    want = generate(LLMEngine(model, attention_backend="cpu-kernel", **kw))
+    want = run(LLMEngine(model, attention_backend="cpu-kernel", **kw), prompts, max_tokens=20)  # to 6-8 blocks
     engine = LLMEngine(model, attention_backend="cpu-kernel", enforce_eager=False, **kw)
     step = engine.decode_step
     step.compile_backend = "eager"  # Dynamo's capture, no code generation (fast)
@@ -128,7 +120,7 @@ def test_warmup_compiles_every_batch_bucket_and_the_cpp_attention_needs_one_cont
     warmed = engine.warmup_decode()
     assert set(warmed) == {(1, 32), (2, 32), (4, 32)}
     assert all(p[:64].abs().sum() == 0 for p in engine.cache.pools)  # only the padding block written
-    got = generate(engine)
+    got = run(engine, prompts, max_tokens=20)
     assert set(step.graphs) == set(warmed) and step.eager_steps == 0  # nothing compiled while serving
     for (tokens, lps), (ref_tokens, ref_lps) in zip(got, want):
         assert tokens == ref_tokens
