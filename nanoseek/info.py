@@ -178,9 +178,16 @@ def kernels_report(cfg: ModelConfig, max_rows: int, remeasure: bool = False) -> 
     from nanoseek.model.linear import format_report, tune
     from nanoseek.model.transformer import build_model
 
+    from nanoseek.engine.fused_decode import cached_decode_choices
+
     with torch.device("meta"):
         model = build_model(cfg, seed=None)
-    return format_report(tune(model, max_rows=max_rows, use_cache=not remeasure))
+    report = format_report(tune(model, max_rows=max_rows, use_cache=not remeasure))
+    choices = cached_decode_choices(cfg)  # timed on real weights, so by an engine, not here
+    lines = [f"decode step, batch 1 + {n}: {c['kernel']} ("
+             + ", ".join(f"{k} {v:.0f} us" for k, v in c["us"].items()) + ")" for n, c in sorted(choices.items())]
+    return report + "\n" + ("\n".join(lines) if lines else
+                            "decode step: not timed on this host yet (an engine times fused vs model at start)")
 
 
 def run(args) -> int:

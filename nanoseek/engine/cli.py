@@ -18,7 +18,8 @@ def run(args) -> int:
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     llm = LLM(args.model, dtype=dtype, device=args.device, quantization=args.quantization,
-              group_size=args.group_size, cache_dir=args.cache_dir, enforce_eager=args.enforce_eager)
+              group_size=args.group_size, cache_dir=args.cache_dir, enforce_eager=args.enforce_eager,
+              decode_kernel=args.decode_kernel)
     engine = llm.engine
     if engine.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json; nanoseek generate needs one to read text")
@@ -62,4 +63,6 @@ def register(sub) -> None:
     e.add_argument("--cache-dir", default=None, help="disk context cache folder")
     e.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
                    help="run decode eagerly (default); --no-enforce-eager compiles the decode step")
+    e.add_argument("--decode-kernel", choices=["auto", "fused", "model"], default="auto",
+                   help="the uncompiled decode step: fused (one C++ op per token: fp32 MLA on a CPU), model (the model's forward), auto (default: the faster, timed at start)")
     p.set_defaults(func=run)

@@ -43,6 +43,7 @@ from nanoseek.engine.sampling import SamplingParams, make_generator
 from nanoseek.engine.scheduler import RequestRejected, Scheduler
 from nanoseek.engine.sequence import Sequence
 from nanoseek.engine.structured import GrammarState, Grammars
+from nanoseek.engine.fused_decode import FusedDecode, choose_decode_step
 from nanoseek.engine.threads import DecodeThreads
 from nanoseek.model.linear import MAX_ROWS, format_report, tune
 from nanoseek.model.moe import tune_dispatch
@@ -115,8 +116,12 @@ class LLMEngine:
                  cache_dir: str | os.PathLike | None = None, disk_cache_bytes: int = 2 ** 30,
                  cache_dtype: torch.dtype | None = None, tune_kernels: bool = True,
                  attention_backend: str = "auto", enforce_eager: bool = True,
-                 decode_threads: int | str | None = "auto"):
-        """decode_threads: intra-op threads of decode steps: "auto" measures the process's count
+                 decode_threads: int | str | None = "auto", decode_kernel: str = "auto"):
+        """decode_kernel: the uncompiled decode step: "fused" (one C++ op per token, fused_decode.py),
+        "model" (the model's forward), or "auto": the faster of the two on this engine's shapes, timed
+        at start, where the fused step applies (fp32 MLA on a CPU with nanoseek's kernels). Compiled
+        decode (enforce_eager=False) replaces either.
+        decode_threads: intra-op threads of decode steps: "auto" measures the process's count
         against 1 on the live steps and keeps the faster (nanoseek.engine.threads; not with
         enforce_eager=False, since compiled code is guarded on the thread count and each switch would
         recompile), an int fixes it, None leaves torch's setting alone."""
@@ -154,16 +159,24 @@ class LLMEngine:
         self.backend, self.backend_timings = choose_backend(self.cache, cfg, attention_backend, max_num_seqs)
         log.info("attention backend: %s (decode timings: %s)", self.backend.name,
                  {k: f"{v * 1e6:.0f} us" for k, v in self.backend_timings.items()})
-        self.decode_step = None
+        self.decode_step: CompiledDecode | FusedDecode | None = None
+        self.decode_timings: dict[str, float] = {}
         if not enforce_eager:
             self.decode_step = CompiledDecode(model, self.cache, self.backend, max_num_seqs,
                                               max_blocks_per_row=min(num_blocks, -(-self.max_model_len // block_size)))
+        else:
+            self.decode_step, self.decode_timings = choose_decode_step(model, self.cache, self.backend, decode_kernel,
+                                                                       max_num_seqs)
+            log.info("decode step: %s (timings per step at batch 1 + %d: %s)",
+                     "fused" if self.decode_step is not None else "model", max_num_seqs,
+                     {k: f"{v * 1e6:.0f} us" for k, v in self.decode_timings.items()})
+        compiled = isinstance(self.decode_step, CompiledDecode)
         if not (decode_threads in ("auto", None) or type(decode_threads) is int and decode_threads >= 1):
             raise ValueError(f"decode_threads={decode_threads!r} must be 'auto', an integer >= 1 or None")
         self.decode_threads = None  # also when compiled: compiled code is guarded on the thread count
         if isinstance(decode_threads, int):
             self.decode_threads = DecodeThreads([decode_threads])
-        elif decode_threads == "auto" and self.decode_step is None and device.type == "cpu" \
+        elif decode_threads == "auto" and not compiled and device.type == "cpu" \
                 and torch.get_num_threads() > 1:
             self.decode_threads = DecodeThreads([torch.get_num_threads(), 1])
         self.runner = ModelRunner(model, self.cache, self.backend, self.disk, decode_step=self.decode_step,
@@ -179,7 +192,7 @@ class LLMEngine:
         {(batch, blocks per row): seconds}. With the C++ attention one context bucket serves every
         context, so this covers every decode step; otherwise it covers the context bucket of
         context_tokens (default: 1,024 tokens or the whole context if shorter). Nothing when eager."""
-        if self.decode_step is None:
+        if not isinstance(self.decode_step, CompiledDecode):
             return {}
         if context_tokens is None:
             wide = self.decode_step.fixed_blocks is not None

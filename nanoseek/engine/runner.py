@@ -42,7 +42,7 @@ class ModelRunner:
     def __init__(self, model: CausalLM, cache: PagedKVCache, backend, disk: DiskCache | None = None,
                  decode_step=None, threads: DecodeThreads | None = None):
         self.model, self.cache, self.backend, self.disk = model, cache, backend, disk
-        self.decode_step = decode_step  # compile.CompiledDecode, or None: eager
+        self.decode_step = decode_step  # compile.CompiledDecode, fused_decode.FusedDecode, or None: the model
         self.threads = threads  # intra-op threads of decode steps, chosen by measurement (threads.py)
         self.device = next(model.parameters()).device
         self.eos_token_ids = model.config.eos_token_ids

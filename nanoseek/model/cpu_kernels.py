@@ -26,7 +26,7 @@ import torch
 log = logging.getLogger("nanoseek.model")
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / name for name in ("cpu_gemv.cpp", "cpu_moe.cpp", "cpu_attention.cpp")]
+SOURCES = [CSRC / name for name in ("cpu_gemv.cpp", "cpu_moe.cpp", "cpu_attention.cpp", "cpu_decode.cpp")]
 _STATE: dict[str, object] = {}  # "ok": bool, "why": str
 
 

@@ -153,7 +153,7 @@ def load_state(config: ServeConfig, accounts=None, sheet=None, key_admin=None) -
     engine = LLMEngine(model, tokenizer, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
                        max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=config.max_model_len,
                        kv_cache_bytes=config.kv_cache_bytes, cache_dir=config.cache_dir,
-                       enforce_eager=config.enforce_eager)
+                       enforce_eager=config.enforce_eager, decode_kernel=config.decode_kernel)
     if not config.enforce_eager:  # compile before serving, not while the first requests wait
         t = time.perf_counter()
         buckets = engine.warmup_decode()

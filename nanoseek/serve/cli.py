@@ -49,6 +49,8 @@ def _engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> Non
     g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
                    help="run decode eagerly (default); --no-enforce-eager compiles a decode step per batch "
                         "bucket (minutes of warm-up on 2 cores, see bench/RESULTS.md)")
+    g.add_argument("--decode-kernel", choices=["auto", "fused", "model"], default="auto",
+                   help="the uncompiled decode step: fused (one C++ op per token: fp32 MLA on a CPU), model (the model's forward), auto (default: the faster, timed at start)")
     g.add_argument("--quantization", choices=["int8", "int4"], default=None,
                    help="weight-only quantisation while loading (a folder saved quantised needs none)")
     g.add_argument("--group-size", type=int, default=128, help="int4: input channels per scale (default 128)")
@@ -205,7 +207,8 @@ def _serve_config(args, model_dir: Path, name: str):
                        keepalive_s=args.keepalive, whole_keepalive_s=args.whole_keepalive or None,
                        max_body_bytes=getattr(args, "max_body_bytes", None),
                        shared_prefix_cache=getattr(args, "shared_prefix_cache", False),
-                       enforce_eager=getattr(args, "enforce_eager", True))
+                       enforce_eager=getattr(args, "enforce_eager", True),
+                       decode_kernel=getattr(args, "decode_kernel", "auto"))
 
 
 def serve(config, host: str, port: int) -> None:

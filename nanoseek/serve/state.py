@@ -49,6 +49,7 @@ class ServeConfig:
     max_model_len: int | None = None
     kv_cache_bytes: int | None = None
     enforce_eager: bool = True           # False: compiled decode step (nanoseek.engine.compile)
+    decode_kernel: str = "auto"          # the uncompiled step: "fused", "model" or "auto" (fused_decode.py)
     # per key limits (None: unlimited) and the global queue
     requests_per_minute: float | None = 600
     tokens_per_minute: float | None = 1_000_000

@@ -35,7 +35,7 @@ def test_fast_engine_equals_reference_engine(make_cfg, monkeypatch, tmp_path):
                         * (0.5 if fn is lin.KERNELS["dense"]["small_rows"] and x2.shape[0] == 2 else 1.0))
     monkeypatch.setattr(moe_mod, "_dispatch_timer", lambda impl, *a: 0.1 if impl == "indexed" else 1.0)
     try:
-        got = generate(model, attention_backend="cpu")
+        got = generate(model, attention_backend="cpu", decode_kernel="model")  # the model's fast paths
         assert lin.layout_of(model.lm_head.weight) == "col"
         assert lin.layout_of(model.model.layers[1].mlp.experts.gate_up_proj[0]) == "col"
         assert "indexed" in moe_mod._DISPATCH_CHOICE.values()

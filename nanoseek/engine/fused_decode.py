@@ -1,0 +1,247 @@
+"""The fused CPU decode step: a whole decode token of an MLA model in one C++ op.
+
+    why = unsupported(model, cache)                  # None where it applies
+    step = FusedDecode(model, cache)
+    logits = step(token_ids, [(block_table, start), ...], rows)   # [len(rows), V], like CompiledDecode
+
+nanoseek::mla_decode_step (nanoseek/model/csrc/cpu_decode.cpp) runs embedding, every layer (absorbed
+MLA over the paged latent pool, DeepSeekMoE with its shared experts, or a dense MLP) and the lm_head
+in one OpenMP parallel region whose threads meet at a few barriers per layer, where the eager step
+forks and joins ~80 times per token with serial Python and torch ops between. It writes each layer's
+new latent into the pool exactly where the eager step would, so prefill, prefix hits, preemption and
+the disk cache work unchanged around it. Any batch size, no buckets, no compile.
+
+It covers what it was written for (fp32 weights and cache on a CPU with nanoseek's kernels, MLA,
+softmax scores with greedy top-K as in DeepSeek-V2 and V2-Lite, no biases); `unsupported` says why
+anything else takes the model's own step. LLMEngine times it against that step on the engine's
+shapes at start and keeps the faster (choose_decode_step), as for every other kernel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import time
+
+import torch
+
+from nanoseek.engine.kv_cache import PagedKVCache
+from nanoseek.model import cpu_kernels, fast
+from nanoseek.model.linear import load_host_cache, save_host_cache
+from nanoseek.model.moe import MoE
+from nanoseek.model.transformer import CausalLM
+
+# a layer's weights in the order of cpu_decode.cpp's Slot enum (None: this layer has none)
+SLOTS = ("input_layernorm", "q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa",
+         "kv_a_layernorm", "kv_b_proj", "o_proj", "post_attention_layernorm", "gate_proj", "up_proj", "down_proj",
+         "router", "experts.gate_up_proj", "experts.down_proj")
+
+
+def page_aligned_buffer(numel: int) -> torch.Tensor:
+    """fp32 [numel] in private anonymous memory with 2 MiB pages requested (Linux's transparent huge
+    pages in "madvise" mode); plain torch memory where that cannot be had."""
+    try:
+        m = mmap.mmap(-1, numel * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            m.madvise(mmap.MADV_HUGEPAGE)
+        return torch.frombuffer(m, dtype=torch.float32, count=numel)  # the tensor keeps m alive
+    except (AttributeError, OSError, ValueError):
+        return torch.empty(numel)
+
+
+def unsupported(model: CausalLM, cache: PagedKVCache) -> str | None:
+    """Why the fused step cannot run this model over this cache, or None."""
+    if not isinstance(model, CausalLM):
+        return f"{type(model).__name__} is not nanoseek's CausalLM (the step reads its modules' weights)"
+    cfg = model.config
+    if not cfg.is_mla:
+        return "not an MLA model"
+    if cfg.scoring_func != "softmax" or cfg.topk_method != "greedy":
+        return f"routing {cfg.scoring_func} + {cfg.topk_method} (the fused step has softmax + greedy)"
+    if cache.dtype != torch.float32 or cache.device.type != "cpu":
+        return f"a {cache.dtype} cache on {cache.device} (the fused step takes fp32 on a CPU)"
+    for name, p in [*model.named_parameters(), *model.named_buffers()]:
+        if name == "inv_freq":
+            continue
+        if not isinstance(p, torch.Tensor) or p.dtype != torch.float32 or p.device.type != "cpu":
+            return f"{name} is not an fp32 CPU tensor"
+        if name.endswith(".bias"):
+            return f"{name}: the fused step has no biases"
+    for name, m in model.named_modules():  # quantised weights live in modules, not as parameters
+        w = getattr(m, "weight", None)
+        if w is not None and not isinstance(w, torch.Tensor):
+            return f"{name}.weight is quantised ({getattr(w, 'kind', type(w).__name__)})"
+    if not cpu_kernels.load():
+        return f"nanoseek's CPU kernels are unavailable: {cpu_kernels.why_unavailable()}"
+    return None
+
+
+def layer_weights(model: CausalLM) -> list[torch.Tensor | None]:
+    """Every layer's SLOTS, then embed_tokens, norm and lm_head (as they are laid out now)."""
+    out: list[torch.Tensor | None] = []
+    empty = None
+    for block in model.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        moe = isinstance(mlp, MoE)
+        dense = mlp.shared_experts if moe else mlp
+        q_lora = attn.cfg.q_lora_rank is not None
+        out += [block.input_layernorm.weight,
+                empty if q_lora else attn.q_proj.weight,
+                attn.q_a_proj.weight if q_lora else empty,
+                attn.q_a_layernorm.weight if q_lora else empty,
+                attn.q_b_proj.weight if q_lora else empty,
+                attn.kv_a_proj_with_mqa.weight, attn.kv_a_layernorm.weight, attn.kv_b_proj.weight,
+                attn.o_proj.weight, block.post_attention_layernorm.weight,
+                *((dense.gate_proj.weight, dense.up_proj.weight, dense.down_proj.weight) if dense is not None
+                  else (empty, empty, empty)),
+                *((mlp.gate.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj) if moe else (empty,) * 3)]
+    return out + [model.model.embed_tokens.weight, model.model.norm.weight, model.lm_head.weight]
+
+
+class FusedDecode:
+    def __init__(self, model: CausalLM, cache: PagedKVCache, backend=None):
+        """backend: the engine's attention backend, for the model's own step where fast paths are off
+        (fast.reference(), the tests' oracle)."""
+        why = unsupported(model, cache)
+        if why is not None:
+            raise ValueError(f"the fused decode step does not apply: {why}")
+        self.model, self.cache, self.backend = model, cache, backend
+        cfg = model.config
+        self.dims = [cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
+                     cfg.kv_lora_rank, cfg.num_experts_per_tok or 0, int(bool(cfg.norm_topk_prob)),
+                     int(cfg.rope_is_interleaved)]
+        self.params = [cfg.rms_norm_eps, cfg.softmax_scale, float(cfg.routed_scaling_factor or 1.0),
+                       float(model.rope_attn_factor)]
+        self.inv_freq = model.inv_freq.float().contiguous()
+        self.pack()
+
+    def pack(self) -> None:
+        """Move the weights the step reads into one buffer, in the order it reads them, and point the
+        model's parameters at it (the model's memory stays one copy). The buffer asks Linux for 2 MiB
+        pages: a token streams every active weight once, and over 4 KiB pages in separate tensors the
+        same step ran 6-13 % slower here (bench/RESULTS.md). Column-major weights (a layout
+        linear.tune chose for F.linear) are copied row-major and stay as they are for the model
+        until release_copies: `copied_bytes`."""
+        ws = layer_weights(self.model)
+        unique = list({id(w): w for w in ws if w is not None}.values())
+        if len({w.untyped_storage().data_ptr() for w in unique}) == 1 and all(w.is_contiguous() for w in unique):
+            packed = {id(w): w for w in unique}  # packed already (another engine on this model)
+        else:
+            sizes = [w.numel() + (-w.numel() % 16) for w in unique]  # 64-byte aligned starts
+            buf, off, packed = page_aligned_buffer(sum(sizes)), 0, {}
+            for w, n in zip(unique, sizes):
+                view = buf[off:off + w.numel()].view(w.shape)
+                view.copy_(w)
+                packed[id(w)] = view
+                off += n
+            for w in unique:
+                if w.is_contiguous():
+                    w.data = packed[id(w)]
+        self._pending = [(w, packed[id(w)]) for w in unique if not w.is_contiguous()]
+        self.copied_bytes = sum(w.numel() * 4 for w, _ in self._pending)
+        none = torch.empty(0)
+        self.weights = [none if w is None else packed[id(w)] for w in ws]
+
+    def release_copies(self) -> None:
+        """Point the column-major parameters at their row-major copies too (F.linear takes either;
+        only the model's few-row steps were faster with them), so that no weight is held twice."""
+        for w, view in self._pending:
+            w.data = view
+        self._pending, self.copied_bytes = [], 0
+
+    def __call__(self, token_ids: list[int], rows: list[tuple[list[int], int]], sample_rows: list[int]):
+        """Logits [len(sample_rows), V] of one decode step: token_ids[i] is row i's new token at
+        position rows[i][1] of the sequence whose blocks are rows[i][0]."""
+        meta = self.cache.metadata(self.backend, rows, num_new=1, absorb=True)
+        if not fast.enabled() and self.backend is not None:  # the reference: the model's own step
+            hidden = self.model(torch.tensor(token_ids, device=self.cache.device)[:, None], attn_metadata=meta)
+            logits = self.model.compute_logits(hidden[:, 0])  # [B, V]
+        else:
+            logits = self.run(torch.tensor(token_ids), meta.seq_lens, meta.slot_mapping, meta.block_tables)
+        if sample_rows == list(range(len(sample_rows))):
+            return logits[: len(sample_rows)]
+        return logits[torch.tensor(sample_rows)]
+
+    def run(self, ids, seq_lens, slot_mapping, block_tables) -> torch.Tensor:
+        """The op itself: ids [B], seq_lens [B], slot_mapping [B], block_tables [B, nb] -> logits [B, V]."""
+        return torch.ops.nanoseek.mla_decode_step(ids, seq_lens, slot_mapping, block_tables, self.cache.pools,
+                                                  self.weights, self.inv_freq, self.dims, self.params)
+
+
+def time_step(name: str, fn, repeats: int = 4) -> float:
+    """Best seconds of fn() (the candidate `name`) over `repeats` calls after one untimed."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def decode_key_prefix(cfg) -> str:
+    """Where choose_decode_step keeps its choices for this model shape in the per-host cache
+    (then max_num_seqs)."""
+    digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"decode-step|{digest}|"
+
+
+def cached_decode_choices(cfg) -> dict[int, dict]:
+    """{max_num_seqs: {"kernel": "fused" | "model", "us": {...}}} measured on this host for this shape."""
+    prefix = decode_key_prefix(cfg)
+    return {int(k[len(prefix):]): v for k, v in load_host_cache().items() if k.startswith(prefix)}
+
+
+def choose_decode_step(model: CausalLM, cache: PagedKVCache, backend, name: str = "auto", max_num_seqs: int = 8,
+                       timer=time_step, use_cache: bool = True) -> tuple[FusedDecode | None, dict[str, float]]:
+    """(the fused step, or None for the model's own step; {candidate: seconds per step, summed over
+    batch 1 and max_num_seqs}). name: "auto" (measure, where the fused step applies), "fused" or
+    "model". "auto" keeps its choice per host and model shape with the kernel choices
+    (linear.save_host_cache), so an engine on the same host and model does not time it again.
+    The candidates decode padding rows (one key each, in the pool's padding block, which no sequence
+    holds) of distinct tokens: the weights, not the context, are what a decode step reads most."""
+    if name not in ("auto", "fused", "model"):
+        raise ValueError(f"unknown decode step {name!r}; choose from ['auto', 'fused', 'model']")
+    if name == "model":
+        return None, {}
+    why = unsupported(model, cache)
+    if why is not None:
+        if name == "fused":
+            raise ValueError(f"the fused decode step does not apply: {why}")
+        return None, {}
+    fused = FusedDecode(model, cache, backend)
+    if name == "fused":
+        fused.release_copies()
+        return fused, {}
+    key = f"{decode_key_prefix(model.config)}{max_num_seqs}"
+    entry = load_host_cache().get(key) if use_cache else None
+    if entry is None or set(entry.get("us", {})) != {"model", "fused"}:
+        timings = {"model": 0.0, "fused": 0.0}
+        pad_row = ([cache.num_blocks], 0)  # the padding block: written by padding rows only
+        with torch.inference_mode():
+            for B in sorted({1, max_num_seqs}):
+                meta = cache.metadata(backend, [pad_row] * B, num_new=1, absorb=True)
+                ids = (torch.arange(B, device=cache.device) * 7919 % model.config.vocab_size)[:, None]  # [B, 1]
+
+                def eager():
+                    return model.compute_logits(model(ids, attn_metadata=meta)[:, 0])
+
+                def one():
+                    return fused.run(ids[:, 0], meta.seq_lens, meta.slot_mapping, meta.block_tables)
+
+                best = {"model": float("inf"), "fused": float("inf")}
+                for _ in range(2):  # interleaved rounds: a host's speed drifts
+                    best["model"] = min(best["model"], timer("model", eager))
+                    best["fused"] = min(best["fused"], timer("fused", one))
+                for k, v in best.items():
+                    timings[k] += v
+        entry = {"kernel": "fused" if timings["fused"] < timings["model"] else "model",
+                 "us": {k: v * 1e6 for k, v in timings.items()}}
+        if use_cache:
+            save_host_cache({key: entry})
+    timings = {k: v / 1e6 for k, v in entry["us"].items()}
+    if entry["kernel"] != "fused":
+        return None, timings
+    fused.release_copies()
+    return fused, timings

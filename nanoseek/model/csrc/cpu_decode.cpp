@@ -1,0 +1,409 @@
+// nanoseek's whole decode step of an MLA model on x86 CPUs (AVX2 + FMA, fp32): one token per row, from
+// the token ids to the logits, in one OpenMP parallel region.
+//
+// The eager step runs ~80 parallel regions per token (one per projection, attention and experts op)
+// with serial work between them: with 2 threads each spent only ~55 % of a token in kernels, the rest
+// waiting at forks and joins (bench/RESULTS.md, "Sixth session"). Here the threads start once per
+// step and meet at 5 barriers per layer (6 with q_lora_rank). What every thread needs and costs less
+// than a barrier (the norms, the routing) runs on every thread at once.
+//
+// Per layer (B rows, C hidden, H heads, Dn/Dv/R head dims, L kv_lora_rank, D = L + R):
+//   1. every thread: xn = rmsnorm(x) (its own copy); tasks of 12 weight rows over
+//      [q_proj | kv_a_proj] (or [q_a_proj | kv_a_proj], then barrier, q_b_proj over the normed q_a)
+//   2. barrier; tasks per (4 heads, row): the new latent [kv_a_layernorm(c_kv) | rope(k_pe)] (into the
+//      pool), the absorbed queries [q_nope @ W_UK | rope(q_pe)], attention over the row's latents in
+//      the pool (latent_attention.h), o = o_lat @ W_UV^T
+//   3. barrier; tasks of 12 rows of o_proj, added into the residual x
+//   4. barrier; every thread: xn = rmsnorm(x) and, for MoE, the routing (softmax, greedy top-K)
+//   5. tasks of 12 rows of [gate | up] per active expert and of the shared (or dense) MLP: SwiGLU
+//   6. barrier; tasks of 12 rows of down: every active expert's rows (weighted) and the MLP's, into x
+//   7. barrier (the next layer reads all of x)
+// then the final norm and the lm_head. Weight rows go through gemv_blocks.h as in nanoseek::gemv.
+// The reference is the model's own forward (tests/engine/test_fused_decode.py checks they agree).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "gemv_blocks.h"
+#include "latent_attention.h"
+
+namespace {
+
+constexpr int64_t kR = nanoseek::kRowsPerTask;
+
+// where each of a layer's weights sits in the flat list (an empty tensor where the layer has none);
+// kGate/kUp/kDown are the dense MLP of a dense layer and the shared experts of an MoE layer
+enum Slot : int64_t {
+  kInNorm, kQ, kQA, kQANorm, kQB, kKVA, kKVANorm, kKVB, kO, kPostNorm, kGate, kUp, kDown, kRouter, kExpGateUp,
+  kExpDown, kSlots
+};
+
+inline int64_t blocks_of(int64_t n) { return (n + kR - 1) / kR; }
+
+// y[:n] = x / rms(x) * w (torch's rms_norm: mean of squares, + eps, reciprocal square root)
+inline void rmsnorm(const float* x, const float* w, int64_t n, float eps, float* y) {
+  const int64_t n8 = n & ~int64_t(7);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n8; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  const float ss = nanoseek::hsum(acc) + nanoseek::dot_tail(x, x, n8, n);
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * r * w[i];
+}
+
+// y = x rotated by cs ([R/2] pairs of cos, sin): DeepSeek's interleaved pairs or Llama's half-split
+inline void rope(const float* x, const float* cs, int64_t R, bool interleaved, float* y) {
+  const int64_t h = R / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float c = cs[2 * i], s = cs[2 * i + 1];
+    const int64_t a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + h;
+    const float x0 = x[a], x1 = x[b];
+    y[a] = x0 * c - x1 * s;
+    y[b] = x0 * s + x1 * c;
+  }
+}
+
+inline float silu_mul(float g, float u) { return g / (1.f + std::exp(-g)) * u; }
+
+// rows n < N of X (stride xs) times weight rows [o0, o1) of W ([*, I], rows contiguous) -> Y[n * ys + o - o0]
+inline void gemv_rows(const float* W, int64_t I, const float* X, int64_t xs, int64_t N, float* Y, int64_t ys,
+                      int64_t o0, int64_t o1) {
+  nanoseek::gemv_range(W + o0 * I, I, X, xs, N, Y, ys, 0, o1 - o0);
+}
+
+struct Layer {
+  const float *in_norm, *q, *qa, *qa_norm, *qb, *kva, *kva_norm, *kvb, *o, *post_norm, *gate, *up, *down, *router,
+      *exp_gu, *exp_down;
+  int64_t mlp_inter, exp_inter;  // the dense (or shared) MLP's and each routed expert's intermediate size
+  float* pool;
+};
+
+const float* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+
+void check_weight(const at::Tensor& t, int64_t layer, const char* name, std::initializer_list<int64_t> shape) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_contiguous(),
+              "nanoseek::mla_decode_step: layer ", layer, "'s ", name, " must be a contiguous fp32 CPU tensor");
+  TORCH_CHECK(t.sizes().equals(at::IntArrayRef(shape)), "nanoseek::mla_decode_step: layer ", layer, "'s ", name,
+              " has shape ", t.sizes(), ", expected ", at::IntArrayRef(shape));
+}
+
+}  // namespace
+
+// ids [B] (long): each row's new token; seq_lens [B]: keys of each row after this step (the new token
+// sits at position seq_lens - 1, stored in slot_mapping [B]); block_tables [B, nb]; pools: one
+// [blocks, block_size, L + R] per layer (written: the new latents). weights: kSlots per layer, then
+// embed_tokens [V, C], norm [C], lm_head [V, C]. inv_freq [R/2] fp32. dims: H, Dn, R, Dv, L, K,
+// norm_topk_prob, interleaved rope. params: rms eps, softmax scale, routed_scaling_factor, rope's
+// attention factor. Returns the logits [B, V].
+at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, const at::Tensor& slot_mapping,
+                           const at::Tensor& block_tables, at::TensorList pools, at::TensorList weights,
+                           const at::Tensor& inv_freq, at::IntArrayRef dims, at::ArrayRef<double> params) {
+  TORCH_CHECK(dims.size() == 8 && params.size() == 4, "nanoseek::mla_decode_step: dims [8] and params [4]");
+  const int64_t H = dims[0], Dn = dims[1], R = dims[2], Dv = dims[3], L = dims[4], K = dims[5];
+  const bool norm_topk = dims[6] != 0, interleaved = dims[7] != 0;
+  const float eps = params[0], scale = params[1], rsf = params[2], attn_factor = params[3];
+  const int64_t n_layers = static_cast<int64_t>(pools.size()), D = L + R, Dq = Dn + R;
+  TORCH_CHECK(n_layers >= 1 && static_cast<int64_t>(weights.size()) == kSlots * n_layers + 3,
+              "nanoseek::mla_decode_step: ", kSlots, " weights per layer and 3 more, got ", weights.size(),
+              " for ", n_layers, " layers");
+  const at::Tensor& embed = weights[kSlots * n_layers];
+  const at::Tensor& final_norm = weights[kSlots * n_layers + 1];
+  const at::Tensor& lm_head = weights[kSlots * n_layers + 2];
+  TORCH_CHECK(embed.dim() == 2, "nanoseek::mla_decode_step: embed_tokens must be [V, C]");
+  const int64_t V = embed.size(0), C = embed.size(1);
+  check_weight(embed, -1, "embed_tokens", {V, C});
+  check_weight(final_norm, -1, "norm", {C});
+  TORCH_CHECK(lm_head.dim() == 2 && lm_head.size(1) == C, "nanoseek::mla_decode_step: lm_head must be [vocab, ", C,
+              "], got ", lm_head.sizes());
+  check_weight(lm_head, -1, "lm_head", {lm_head.size(0), C});
+  const int64_t Vout = lm_head.size(0);
+  check_weight(inv_freq, -1, "inv_freq", {R / 2});
+  TORCH_CHECK(ids.dim() == 1 && seq_lens.sizes() == ids.sizes() && slot_mapping.sizes() == ids.sizes() &&
+              block_tables.dim() == 2 && block_tables.size(0) == ids.size(0),
+              "nanoseek::mla_decode_step: ids, seq_lens, slot_mapping [B] and block_tables [B, nb]");
+  const int64_t B = ids.size(0), nb = block_tables.size(1);
+  TORCH_CHECK(B >= 1, "nanoseek::mla_decode_step: no rows");
+
+  // ---- the layers' weights, checked against the dims
+  std::vector<Layer> layers(n_layers);
+  int64_t max_mlp = 0, max_exp = 0, E_max = 0, blocks = 0, bs = 0;
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const at::Tensor* w = &weights[kSlots * l];
+    Layer& y = layers[l];
+    check_weight(w[kInNorm], l, "input_layernorm", {C});
+    if (w[kQ].numel()) {
+      check_weight(w[kQ], l, "q_proj", {H * Dq, C});
+    } else {
+      const int64_t Lq = w[kQA].size(0);
+      check_weight(w[kQA], l, "q_a_proj", {Lq, C});
+      check_weight(w[kQANorm], l, "q_a_layernorm", {Lq});
+      check_weight(w[kQB], l, "q_b_proj", {H * Dq, Lq});
+    }
+    check_weight(w[kKVA], l, "kv_a_proj_with_mqa", {D, C});
+    check_weight(w[kKVANorm], l, "kv_a_layernorm", {L});
+    check_weight(w[kKVB], l, "kv_b_proj", {H * (Dn + Dv), L});
+    check_weight(w[kO], l, "o_proj", {C, H * Dv});
+    check_weight(w[kPostNorm], l, "post_attention_layernorm", {C});
+    y.mlp_inter = w[kGate].numel() ? w[kGate].size(0) : 0;
+    if (y.mlp_inter) {
+      check_weight(w[kGate], l, "gate_proj", {y.mlp_inter, C});
+      check_weight(w[kUp], l, "up_proj", {y.mlp_inter, C});
+      check_weight(w[kDown], l, "down_proj", {C, y.mlp_inter});
+    }
+    y.exp_inter = 0;
+    if (w[kRouter].numel()) {
+      const int64_t E = w[kRouter].size(0);
+      TORCH_CHECK(w[kExpDown].dim() == 3 && K >= 1 && K <= E, "nanoseek::mla_decode_step: layer ", l,
+                  "'s experts: down_proj [E, C, I] and 1 <= K <= E");
+      y.exp_inter = w[kExpDown].size(2);
+      check_weight(w[kRouter], l, "gate (router)", {E, C});
+      check_weight(w[kExpGateUp], l, "experts.gate_up_proj", {E, 2 * y.exp_inter, C});
+      check_weight(w[kExpDown], l, "experts.down_proj", {E, C, y.exp_inter});
+      E_max = std::max(E_max, E);
+    }
+    TORCH_CHECK(y.mlp_inter || y.exp_inter, "nanoseek::mla_decode_step: layer ", l, " has no MLP and no experts");
+    max_mlp = std::max(max_mlp, y.mlp_inter);
+    max_exp = std::max(max_exp, y.exp_inter);
+    const at::Tensor& pool = pools[l];
+    TORCH_CHECK(pool.dim() == 3 && pool.size(2) == D && pool.scalar_type() == at::kFloat && pool.is_contiguous() &&
+                    (l == 0 || (pool.size(0) == blocks && pool.size(1) == bs)),
+                "nanoseek::mla_decode_step: every pool must be a contiguous fp32 [blocks, block_size, ", D,
+                "] of one shape, layer ", l, "'s is ", pool.sizes());
+    blocks = pool.size(0), bs = pool.size(1);
+    y.in_norm = ptr(w[kInNorm]), y.q = ptr(w[kQ]), y.qa = ptr(w[kQA]), y.qa_norm = ptr(w[kQANorm]);
+    y.qb = ptr(w[kQB]), y.kva = ptr(w[kKVA]), y.kva_norm = ptr(w[kKVANorm]), y.kvb = ptr(w[kKVB]);
+    y.o = ptr(w[kO]), y.post_norm = ptr(w[kPostNorm]), y.gate = ptr(w[kGate]), y.up = ptr(w[kUp]);
+    y.down = ptr(w[kDown]), y.router = ptr(w[kRouter]), y.exp_gu = ptr(w[kExpGateUp]);
+    y.exp_down = ptr(w[kExpDown]), y.pool = pool.data_ptr<float>();
+  }
+  const int64_t Lq = layers[0].q ? 0 : weights[kQA].size(0);  // q_lora_rank (0: none), one for all layers
+  for (int64_t l = 0; l < n_layers; ++l)
+    TORCH_CHECK(!layers[l].q == (Lq > 0) && (Lq == 0 || weights[kSlots * l + kQA].size(0) == Lq),
+                "nanoseek::mla_decode_step: every layer must have q_proj, or q_a_proj of one rank");
+
+  // ---- the rows: tokens, slots, block tables (checked), rope angles
+  auto idc = ids.to(at::kLong).contiguous(), lens = seq_lens.to(at::kLong).contiguous();
+  auto slots = slot_mapping.to(at::kLong).contiguous(), bt = block_tables.to(at::kLong).contiguous();
+  const int64_t *id = idc.data_ptr<int64_t>(), *Ls = lens.data_ptr<int64_t>(), *sl = slots.data_ptr<int64_t>();
+  const int64_t* T = bt.data_ptr<int64_t>();
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(id[b] >= 0 && id[b] < V, "nanoseek::mla_decode_step: token id ", id[b], " outside [0, ", V, ")");
+    TORCH_CHECK(Ls[b] >= 1 && Ls[b] <= nb * bs, "nanoseek::mla_decode_step: row ", b, " has ", Ls[b],
+                " keys, its block table holds ", nb * bs);
+    TORCH_CHECK(sl[b] >= 0 && sl[b] < blocks * bs, "nanoseek::mla_decode_step: slot ", sl[b], " outside the pool");
+    for (int64_t k = 0; k < (Ls[b] + bs - 1) / bs; ++k)
+      TORCH_CHECK(T[b * nb + k] >= 0 && T[b * nb + k] < blocks, "nanoseek::mla_decode_step: block id ",
+                  T[b * nb + k], " outside the pool's ", blocks);
+    longest = std::max(longest, Ls[b]);
+  }
+  const float* inv = inv_freq.data_ptr<float>();
+  std::vector<float> cs(B * R);  // [B, R/2, (cos, sin)] * attn_factor, as rope_cos_sin
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < R / 2; ++i) {
+      const float angle = static_cast<float>(Ls[b] - 1) * inv[i];
+      cs[b * R + 2 * i] = std::cos(angle) * attn_factor;
+      cs[b * R + 2 * i + 1] = std::sin(angle) * attn_factor;
+    }
+
+  // ---- shared buffers
+  const int64_t QW = H * Dq, AW = (Lq ? Lq : QW) + D;  // [q | kv_a] or [q_a | kv_a] per row
+  std::vector<float> x(B * C), qa(B * AW), qb(Lq ? B * QW : 0), ov(B * H * Dv), yo(B * C),
+      act_mlp(B * std::max<int64_t>(max_mlp, 1)), act_exp(B * K * std::max<int64_t>(max_exp, 1));
+  const float* EMB = embed.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) std::copy_n(EMB + id[b] * C, C, x.data() + b * C);
+  auto logits = at::empty({B, Vout}, embed.options());
+  float* OUT = logits.data_ptr<float>();
+  const float* FN = final_norm.data_ptr<float>();
+  const float* LM = lm_head.data_ptr<float>();
+  const int threads = at::get_num_threads();
+  const int64_t groups = (H + 3) / 4;
+
+#pragma omp parallel num_threads(threads)
+  {
+    // this thread's scratch
+    std::vector<float> xn(B * C), qan(B * std::max<int64_t>(Lq, 1)), s(longest * 4 + 8), q4(4 * D), o4(4 * L),
+        lat(D), tmp(2 * B * kR), xs(B * std::max<int64_t>(K, 1) * C), rl(E_max), route_w(std::max<int64_t>(K, 1));
+    std::vector<int64_t> route_id(std::max<int64_t>(K, 1));
+    std::vector<const float*> keys(longest);
+    // the routing as every thread sees it: per active expert its rows, weights and start in act_exp
+    std::vector<std::vector<int64_t>> rows(E_max);
+    std::vector<std::vector<float>> rws(E_max);
+    std::vector<int64_t> active, start;
+
+    for (int64_t l = 0; l < n_layers; ++l) {
+      const Layer& w = layers[l];
+      // 1: input norm (every thread its own copy), then [q | kv_a] (or [q_a | kv_a])
+      for (int64_t b = 0; b < B; ++b) rmsnorm(x.data() + b * C, w.in_norm, C, eps, xn.data() + b * C);
+      const int64_t first = Lq ? Lq : QW, nq = blocks_of(first);
+      const float* W1 = Lq ? w.qa : w.q;
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < nq + blocks_of(D); ++t) {
+        if (t < nq)
+          nanoseek::gemv_range(W1, C, xn.data(), C, B, qa.data(), AW, kR * t, std::min(first, kR * t + kR));
+        else
+          gemv_rows(w.kva, C, xn.data(), C, B, qa.data() + first + kR * (t - nq), AW, kR * (t - nq),
+                    std::min(D, kR * (t - nq) + kR));
+      }
+      const float* Qp = qa.data();  // q [B, H, Dq] at stride QS
+      int64_t QS = AW;
+      if (Lq) {  // q_b_proj over the normed q_a
+        for (int64_t b = 0; b < B; ++b) rmsnorm(qa.data() + b * AW, w.qa_norm, Lq, eps, qan.data() + b * Lq);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < blocks_of(QW); ++t)
+          nanoseek::gemv_range(w.qb, Lq, qan.data(), Lq, B, qb.data(), QW, kR * t, std::min(QW, kR * t + kR));
+        Qp = qb.data(), QS = QW;
+      }
+      // 2: per (4 heads, row): the row's new latent (written to the pool by the first group's task; each
+      // task attends its own copy as the last key, so no task waits for another's write), the absorbed
+      // queries [q_nope @ W_UK | rope(q_pe)], attention over the row's latents where they lie in the
+      // pool, and o = o_lat @ W_UV^T. Rows outer: a thread's consecutive tasks read the same row's keys
+      // (from memory once, then from its cache), which outweighs the heads' W_UK and W_UV at any context.
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < groups * B; ++t) {
+        const int64_t b = t / groups, g = t % groups, h0 = 4 * g, nh = std::min<int64_t>(4, H - h0), S = Ls[b];
+        const float* kv = qa.data() + b * AW + first;  // [c_kv | k_pe] of the new token
+        rmsnorm(kv, w.kva_norm, L, eps, lat.data());
+        rope(kv + L, cs.data() + b * R, R, interleaved, lat.data() + L);
+        if (g == 0) std::copy_n(lat.data(), D, w.pool + sl[b] * D);
+        for (int64_t hh = 0; hh < 4; ++hh) {  // a short last group repeats its first head, never read
+          const int64_t h = h0 + (hh < nh ? hh : 0);
+          const float* qh = Qp + b * QS + h * Dq;
+          float* out = q4.data() + hh * D;
+          rope(qh + Dn, cs.data() + b * R, R, interleaved, out + L);
+          std::fill_n(out, L, 0.f);
+          const float* wuk = w.kvb + h * (Dn + Dv) * L;  // W_UK of head h: [Dn, L]
+          for (int64_t d = 0; d < Dn; ++d) {  // out[:L] += q_nope[d] * W_UK[d, :]
+            const __m256 qd = _mm256_set1_ps(qh[d]);
+            const float* wr = wuk + d * L;
+            int64_t i = 0;
+            for (; i + 8 <= L; i += 8)
+              _mm256_storeu_ps(out + i, _mm256_fmadd_ps(qd, _mm256_loadu_ps(wr + i), _mm256_loadu_ps(out + i)));
+            for (; i < L; ++i) out[i] += qh[d] * wr[i];
+          }
+        }
+        for (int64_t j = 0; j + 1 < S; ++j) keys[j] = w.pool + (T[b * nb + j / bs] * bs + j % bs) * D;
+        keys[S - 1] = lat.data();
+        nanoseek::attend_4heads(q4.data(), keys.data(), S, D, L, scale, s.data(), o4.data());
+        for (int64_t hh = 0; hh < nh; ++hh)  // W_UV of head h: rows Dn.. of its kv_b_proj rows, [Dv, L]
+          nanoseek::gemv_range(w.kvb + ((h0 + hh) * (Dn + Dv) + Dn) * L, L, o4.data() + hh * L, L, 1,
+                               ov.data() + b * H * Dv + (h0 + hh) * Dv, Dv, 0, Dv);
+      }
+      // 3: x += o_proj(o), each task its own columns
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < blocks_of(C); ++t) {
+        const int64_t o0 = kR * t, o1 = std::min(C, o0 + kR);
+        nanoseek::gemv_range(w.o, H * Dv, ov.data(), H * Dv, B, yo.data(), C, o0, o1);
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t c = o0; c < o1; ++c) x[b * C + c] += yo[b * C + c];
+      }
+      // 4: every thread: the post-attention norm and, in an MoE layer, the routing (softmax, greedy
+      // top-K) of every row, grouped by expert. The same inputs and code give every thread the same
+      // choice; ~E * C * B multiply-adds, less than a barrier's wait at the batch sizes of decode.
+      const int64_t E = w.router ? weights[kSlots * l + kRouter].size(0) : 0;
+      for (int64_t b = 0; b < B; ++b) rmsnorm(x.data() + b * C, w.post_norm, C, eps, xn.data() + b * C);
+      active.clear(), start.clear();
+      int64_t P = 0;
+      if (E) {
+        for (int64_t e = 0; e < E; ++e) rows[e].clear(), rws[e].clear();
+        for (int64_t b = 0; b < B; ++b) {
+          nanoseek::gemv_range(w.router, C, xn.data() + b * C, C, 1, rl.data(), E, 0, E);
+          float mx = rl[0], sum = 0.f;
+          for (int64_t e = 1; e < E; ++e) mx = std::max(mx, rl[e]);
+          for (int64_t e = 0; e < E; ++e) sum += (rl[e] = std::exp(rl[e] - mx));
+          for (int64_t e = 0; e < E; ++e) rl[e] /= sum;
+          float chosen = 0.f;
+          for (int64_t k = 0; k < K; ++k) {  // the K best scores, the lower id first on a tie
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; ++e)
+              if (rl[e] >= 0.f && (best < 0 || rl[e] > rl[best])) best = e;
+            route_id[k] = best;
+            chosen += (route_w[k] = rl[best]);
+            rl[best] = -1.f;  // taken
+          }
+          for (int64_t k = 0; k < K; ++k) {  // the weights as nanoseek.model.moe.route gives them for V2
+            float wk = route_w[k];
+            if (norm_topk && K > 1) wk /= chosen + 1e-20f;
+            else if (rsf != 1.f) wk *= rsf;
+            rows[route_id[k]].push_back(b);
+            rws[route_id[k]].push_back(wk);
+          }
+        }
+        for (int64_t e = 0; e < E; ++e)
+          if (!rows[e].empty()) active.push_back(e), start.push_back(P), P += rows[e].size();
+        for (int64_t a = 0; a < static_cast<int64_t>(active.size()); ++a)  // the rows, packed by expert
+          for (size_t r = 0; r < rows[active[a]].size(); ++r)
+            std::copy_n(xn.data() + rows[active[a]][r] * C, C, xs.data() + (start[a] + r) * C);
+      }
+      const int64_t A = active.size(), I = w.exp_inter, Im = w.mlp_inter, ni = blocks_of(I), nm = blocks_of(Im);
+      // 5: gate and up rows, 12 of each per task, and their SwiGLU
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < A * ni + nm; ++t) {
+        float *g = tmp.data(), *u = tmp.data() + B * kR;
+        if (t >= A * ni) {  // the dense / shared MLP, every row
+          const int64_t o0 = kR * (t - A * ni), o1 = std::min(Im, o0 + kR);
+          gemv_rows(w.gate, C, xn.data(), C, B, g, kR, o0, o1);
+          gemv_rows(w.up, C, xn.data(), C, B, u, kR, o0, o1);
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t o = o0; o < o1; ++o) act_mlp[b * Im + o] = silu_mul(g[b * kR + o - o0], u[b * kR + o - o0]);
+          continue;
+        }
+        const int64_t a = t / ni, e = active[a], o0 = kR * (t % ni), o1 = std::min(I, o0 + kR);
+        const int64_t n = rows[e].size();
+        const float* X = xs.data() + start[a] * C;
+        const float* GU = w.exp_gu + e * 2 * I * C;
+        gemv_rows(GU, C, X, C, n, g, kR, o0, o1);
+        gemv_rows(GU + I * C, C, X, C, n, u, kR, o0, o1);
+        for (int64_t r = 0; r < n; ++r)
+          for (int64_t o = o0; o < o1; ++o)
+            act_exp[(start[a] + r) * I + o] = silu_mul(g[r * kR + o - o0], u[r * kR + o - o0]);
+      }
+      // 6: down rows, 12 per task: every active expert's (weighted) and the MLP's, added into x
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < blocks_of(C); ++t) {
+        const int64_t o0 = kR * t, o1 = std::min(C, o0 + kR);
+        float* y = tmp.data();
+        if (Im) {
+          gemv_rows(w.down, Im, act_mlp.data(), Im, B, y, kR, o0, o1);
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t c = o0; c < o1; ++c) x[b * C + c] += y[b * kR + c - o0];
+        }
+        for (int64_t a = 0; a < A; ++a) {
+          const int64_t e = active[a], n = rows[e].size();
+          gemv_rows(w.exp_down + e * C * I, I, act_exp.data() + start[a] * I, I, n, y, kR, o0, o1);
+          for (int64_t r = 0; r < n; ++r) {
+            const float wt = rws[e][r];
+            float* xr = x.data() + rows[e][r] * C;
+            for (int64_t c = o0; c < o1; ++c) xr[c] += wt * y[r * kR + c - o0];
+          }
+        }
+      }
+    }
+    // the final norm (every thread its own copy) and the lm_head
+    for (int64_t b = 0; b < B; ++b) rmsnorm(x.data() + b * C, FN, C, eps, xn.data() + b * C);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < blocks_of(Vout); ++t)
+      nanoseek::gemv_range(LM, C, xn.data(), C, B, OUT, Vout, kR * t, std::min(Vout, kR * t + kR));
+  }
+  return logits;
+}
+
+at::Tensor mla_decode_step_meta(const at::Tensor& ids, const at::Tensor& seq_lens, const at::Tensor& slot_mapping,
+                                const at::Tensor& block_tables, at::TensorList pools, at::TensorList weights,
+                                const at::Tensor& inv_freq, at::IntArrayRef dims, at::ArrayRef<double> params) {
+  return at::empty({ids.size(0), weights[weights.size() - 1].size(0)}, weights[weights.size() - 1].options());
+}
+
+TORCH_LIBRARY_FRAGMENT(nanoseek, m) {
+  m.def("mla_decode_step(Tensor ids, Tensor seq_lens, Tensor slot_mapping, Tensor block_tables, Tensor(a!)[] pools, "
+        "Tensor[] weights, Tensor inv_freq, int[] dims, float[] params) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(nanoseek, CPU, m) { m.impl("mla_decode_step", &mla_decode_step); }
+TORCH_LIBRARY_IMPL(nanoseek, Meta, m) { m.impl("mla_decode_step", &mla_decode_step_meta); }

@@ -1,0 +1,193 @@
+"""The fused CPU decode step (one C++ op per token) equals the model's own decode step: greedy tokens and
+logprobs, through prefix hits, chunked prefill, preemption, parallel sampling and a disk-cache
+restart; its weights are packed without a second copy; it is chosen by measurement only."""
+
+import re
+
+import pytest
+import torch
+
+from nanoseek.engine import fused_decode as fd
+from nanoseek.engine.backends.reference import ReferenceBackend
+from nanoseek.engine.kv_cache import PagedKVCache
+from nanoseek.engine.llm import LLMEngine
+from nanoseek.engine.sampling import SamplingParams
+from nanoseek.model import cpu_kernels, linear as lin
+from nanoseek.model.backend import DenseCache
+from nanoseek.model.transformer import build_model
+from tests.conftest import tiny_llama, tiny_v2, tiny_v2_grouped, tiny_v3
+
+WHY = cpu_kernels.unsupported()
+# where the host can build the kernels, the build must succeed: only a host without AVX2/FMA or a compiler skips
+pytestmark = pytest.mark.skipif(WHY is not None, reason=f"nanoseek's CPU kernels do not apply here: {WHY}")
+
+VARIANTS = {  # what the fused step covers: plain V2; q_lora + YaRN; normalised top-K; scaled weights
+    "v2": dict(),
+    "q_lora_yarn": dict(q_lora_rank=24, rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64,
+                                                          beta_fast=32, beta_slow=1, mscale=0.707,
+                                                          mscale_all_dim=0.707)),
+    "norm_topk": dict(norm_topk_prob=True, num_experts_per_tok=3, first_k_dense_replace=0),
+    "scaled": dict(routed_scaling_factor=2.5, n_shared_experts=None),
+}
+
+
+def model_of(**kw):
+    return build_model(tiny_v2(eos_token_id=None, **kw), seed=3).eval()
+
+
+def generate(model, prompts, decode_kernel, n=1, seed=None, **kw):
+    kw = {**dict(block_size=4, num_blocks=64, max_num_seqs=4, attention_backend="cpu"), **kw}
+    engine = LLMEngine(model, decode_kernel=decode_kernel, **kw)
+    assert isinstance(engine.decode_step, fd.FusedDecode) == (decode_kernel == "fused")
+    params = SamplingParams(temperature=0 if seed is None else 1.0, max_tokens=8, logprobs=2, ignore_eos=True, n=n,
+                            seed=seed)
+    reqs = [engine.add_request(f"r{i}", {"prompt_token_ids": p}, params) for i, p in enumerate(prompts)]
+    seqs = [c.seq for _, c in engine._children.values()]
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert [r.error for r in reqs] == [None] * len(reqs)
+    generate.preemptions = sum(s.num_preemptions for s in seqs)
+    return [(o.token_ids, o.logprobs) for r in reqs for o in r.outputs]
+
+
+def assert_same(got, want, tol=1e-4):
+    for (tokens, lps), (ref_tokens, ref_lps) in zip(got, want, strict=True):
+        assert tokens == ref_tokens
+        for a, b in zip(lps, ref_lps, strict=True):
+            assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) < tol
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_equals_model_step(variant):
+    model = model_of(**VARIANTS[variant])
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randint(2, 96, (9,), generator=g).tolist()
+    # B = 4: two prompts share a 9-token prefix (prefix hits), the others are distinct lengths
+    prompts = [shared + [5, 6], shared + [7], torch.randint(2, 96, (13,), generator=g).tolist(), [3, 4]]
+    want = generate(model, prompts, "model")
+    assert_same(generate(model, prompts, "fused"), want)
+
+
+def test_fused_through_chunked_prefill_preemption_and_parallel_sampling():
+    model = model_of()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 96, (n,), generator=g).tolist() for n in (30, 17, 6)]
+    # 16 blocks of 4 cannot hold all three growing sequences: some are preempted and recomputed;
+    # chunks of 8 tokens split the prompts
+    tight = dict(num_blocks=16, max_num_batched_tokens=8)
+    want = generate(model, prompts, "model", **tight)
+    assert_same(generate(model, prompts, "fused", **tight), want)
+    assert generate.preemptions > 0, "the tight cache must preempt"
+    # n = 3 samples per prompt fork its blocks; seeded sampling must draw the same tokens
+    assert_same(generate(model, prompts[1:], "fused", n=3, seed=7), generate(model, prompts[1:], "model", n=3, seed=7))
+
+
+def test_fused_after_a_disk_cache_restart(tmp_path):
+    model = model_of()
+    prompt = [list(range(2, 40))]
+    want = generate(model, prompt, "model")
+    generate(model, prompt, "fused", cache_dir=tmp_path / "kv")  # fills the disk cache
+    assert_same(generate(model, prompt, "fused", cache_dir=tmp_path / "kv"), want)  # blocks loaded from disk
+
+
+def test_op_logits_and_latents_equal_the_model_forward():
+    """One step of the op against CausalLM.forward over a DenseCache: logits to 1e-5 and the same
+    latent written for the new token (checked in the pool)."""
+    cfg = tiny_v2(q_lora_rank=24)
+    model = build_model(cfg, seed=5).eval()
+    B, T, bs = 3, 7, 4
+    ids = torch.randint(2, 96, (B, T + 1), generator=torch.Generator().manual_seed(2))
+    dense = DenseCache(cfg, batch_size=B, max_len=16)
+    with torch.inference_mode():
+        model(ids[:, :T], attn_metadata=dense.step(T))
+        want = model.compute_logits(model(ids[:, T:], attn_metadata=dense.step(1, absorb=True))[:, 0])  # [B, V]
+    cache = PagedKVCache(cfg, num_blocks=B * 2 + 1, block_size=bs)
+    step = fd.FusedDecode(model, cache)
+    tables = [[2 * b + 1, 2 * b + 2] for b in range(B)]  # two blocks per row, not in row order
+    for layer, pool in enumerate(cache.pools):  # the prompt's latents, copied from the dense cache
+        for b in range(B):
+            pool.view(-1, pool.shape[-1])[[tables[b][p // bs] * bs + p % bs for p in range(T)]] = \
+                dense.buffers[layer][b, :T]
+    got = step(ids[:, T].tolist(), [(tables[b], T) for b in range(B)], list(range(B)))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for layer, pool in enumerate(cache.pools):
+        for b in range(B):
+            slot = tables[b][T // bs] * bs + T % bs
+            torch.testing.assert_close(pool.view(-1, pool.shape[-1])[slot], dense.buffers[layer][b, T],
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_packing_keeps_one_copy_and_the_model_unchanged():
+    model = model_of()
+    x = torch.randint(2, 96, (2, 5))
+    with torch.inference_mode():
+        before = model.compute_logits(model(x))
+    cache = PagedKVCache(model.config, num_blocks=8, block_size=4)
+    step = fd.FusedDecode(model, cache)
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert len(storages) == 1 and step.copied_bytes == 0  # every weight now lives in the one buffer
+    with torch.inference_mode():
+        torch.testing.assert_close(model.compute_logits(model(x)), before, atol=0, rtol=0)
+    again = fd.FusedDecode(model, cache)  # a second engine on the same model does not copy again
+    assert {w.data_ptr() for w in again.weights if w.numel()} == {w.data_ptr() for w in step.weights if w.numel()}
+
+
+def test_column_major_weights_are_copied_then_released():
+    model = model_of()
+    w = model.lm_head.weight
+    w.data = lin.to_layout(w.data, "col")  # as linear.tune lays a weight out for F.linear
+    step = fd.FusedDecode(model, PagedKVCache(model.config, num_blocks=8, block_size=4))
+    assert step.copied_bytes == w.numel() * 4 and lin.layout_of(model.lm_head.weight) == "col"
+    step.release_copies()
+    assert step.copied_bytes == 0 and model.lm_head.weight.is_contiguous()
+    assert model.lm_head.weight.data_ptr() == step.weights[-1].data_ptr()
+
+
+@pytest.mark.parametrize("make_cfg, why", [(tiny_llama, "not an MLA model"), (tiny_v3, "sigmoid + noaux_tc"),
+                                           (tiny_v2_grouped, "softmax + group_limited_greedy")])
+def test_unsupported_models_say_why_and_take_the_model_step(make_cfg, why):
+    model = build_model(make_cfg(), seed=0).eval()
+    cache = PagedKVCache(model.config, num_blocks=8, block_size=4)
+    assert why in fd.unsupported(model, cache)
+    assert fd.choose_decode_step(model, cache, None, "auto") == (None, {})
+    with pytest.raises(ValueError, match=re.escape(why)):
+        fd.choose_decode_step(model, cache, None, "fused")
+    bf16 = model_of().to(torch.bfloat16)
+    assert "fp32" in fd.unsupported(bf16, PagedKVCache(bf16.config, 8, 4, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="unknown decode step 'fast'"):
+        fd.choose_decode_step(model, cache, None, "fast")
+
+
+@pytest.mark.parametrize("faster", ["model", "fused"])
+def test_the_slower_step_is_never_chosen(faster, tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOSEEK_CACHE_DIR", str(tmp_path))
+    model = model_of()
+    cache = PagedKVCache(model.config, num_blocks=8, block_size=4)
+    calls = []
+
+    def timer(name, fn):
+        fn()  # each candidate really runs
+        calls.append(name)
+        return 1e-3 if name == faster else 2e-3
+
+    backend = ReferenceBackend(cache)
+    step, timings = fd.choose_decode_step(model, cache, backend, "auto", max_num_seqs=4, timer=timer)
+    assert isinstance(step, fd.FusedDecode) == (faster == "fused") and set(calls) == {"model", "fused"}
+    assert timings[faster] < timings[{"model": "fused", "fused": "model"}[faster]]
+    assert fd.cached_decode_choices(model.config)[4]["kernel"] == faster  # kept for this host
+    calls.clear()
+    fd.choose_decode_step(model, cache, backend, "auto", max_num_seqs=4, timer=timer)
+    assert calls == []  # the cached choice, not timed again
+
+
+def test_bad_inputs_name_the_problem():
+    model = model_of()
+    cache = PagedKVCache(model.config, num_blocks=8, block_size=4)
+    step = fd.FusedDecode(model, cache)
+    with pytest.raises(RuntimeError, match="token id 96 outside"):
+        step([96], [([0], 0)], [0])
+    with pytest.raises(RuntimeError, match="block id 9 outside"):
+        step.run(torch.tensor([1]), torch.tensor([6]), torch.tensor([1]), torch.tensor([[0, 9]]))
+    step.weights[1] = step.weights[1][:, :-1].contiguous()  # layer 0's q_proj, one input column short
+    with pytest.raises(RuntimeError, match="layer 0's q_proj has shape"):
+        step([1], [([0], 0)], [0])
