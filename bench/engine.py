@@ -79,6 +79,8 @@ def bench_decode(ours, theirs, cfg, seed=0, compiled=False, gguf_path: Path | No
     warm = LLMEngine(ours, num_blocks=200, max_num_seqs=8)
     print(f"attention backend: {warm.backend.name} "
           f"({', '.join(f'{k} {v * 1e6:.0f} us' for k, v in warm.backend_timings.items())})")
+    print(f"decode step: {'fused' if warm.decode_step is not None else 'model'} "
+          f"({', '.join(f'{k} {v * 1e6:.0f} us' for k, v in warm.decode_timings.items())} per step at batch 1 + 8)")
     print("```\n" + format_report(warm.kernel_report) + "\n```\n")
     lcpp = None
     if gguf_path is not None:  # llama.cpp with its defaults (flash attention, f16 KV cache): bench/llamacpp.py
@@ -89,14 +91,20 @@ def bench_decode(ours, theirs, cfg, seed=0, compiled=False, gguf_path: Path | No
         print(f"llama.cpp {lcpp.version} on the same weights: max logit diff {diff:.1e}, same argmax {same}")
     print("| batch | transformers decode tok/s | nanoseek decode tok/s | speedup | transformers end-to-end s "
           "| nanoseek end-to-end s | same greedy tokens | nanoseek fraction of 250 tok/s bandwidth cap "
-          "| llama.cpp decode tok/s | nanoseek / llama.cpp |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| llama.cpp decode tok/s | nanoseek / llama.cpp | nanoseek model step (eager) tok/s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for B in (1, 8):
         p1, p65, p65b = (random_prompts(B, PROMPT_LEN, cfg.vocab_size, seed + k) for k in (1, 2, 3))
         run_engine(LLMEngine(ours, num_blocks=200), random_prompts(B, PROMPT_LEN, cfg.vocab_size, 99), 2, "w")
         e = LLMEngine(ours, num_blocks=20 * B)
         t65, toks, reqs = run_engine(e, p65, 65, f"b{B}")
         ours_tps = B * 64 / decode_seconds(reqs)
+        m = LLMEngine(ours, num_blocks=20 * B, decode_kernel="model")  # the model's own step, for reference
+        _, mtoks, mreqs = run_engine(m, p65, 65, f"m{B}")
+        model_tps = B * 64 / decode_seconds(mreqs)
+        if mtoks != toks:
+            print(f"B={B}: the model step's greedy tokens differ from the engine's in "
+                  f"{sum(a != b for a, b in zip(mtoks, toks))} of {B} rows")
         if e.decode_threads is not None:
             print(f"B={B} decode threads, median ms of the recent steps: {e.decode_threads.summary()}")
         if compiled:
@@ -119,7 +127,7 @@ def bench_decode(ours, theirs, cfg, seed=0, compiled=False, gguf_path: Path | No
             lc_tps = decode_tps(lcpp, p65)
             anchor = f"| {lc_tps:.1f} | {ours_tps / lc_tps:.2f}x"
         print(f"| {B} | {theirs_tps:.1f} | {ours_tps:.1f} | {ours_tps / theirs_tps:.1f}x | {h65:.2f} | {t65:.2f} | "
-              f"{same}/{B} | {cap} {anchor} |")
+              f"{same}/{B} | {cap} {anchor} | {model_tps:.1f} |")
     if lcpp is not None:
         lcpp.close()
 
@@ -182,14 +190,15 @@ def bench_batching(ours, cfg):
     print(f"| 16 concurrent | {t_all:.2f} | {16 * 64 / t_all:.0f} ({t_seq / t_all:.1f}x) |")
 
 
-def bench_profile(ours, cfg, steps: int = 32, compiled: bool = False):
+def bench_profile(ours, cfg, steps: int = 32, compiled: bool = False, kernel: str = "auto"):
     """Where a B=1 decode token goes: torch.profiler self time of the matmul ops vs everything else
-    (compiled: the compiled step's, whose generated C++ kernels count as "outside")."""
+    (compiled: the compiled step's, whose generated C++ kernels count as "outside"; the fused step: its
+    one op holds all the layers' matmuls and attention, and "outside" is the engine around it)."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = "compiled" if compiled else "eager"
+    e = LLMEngine(ours, num_blocks=48, max_num_seqs=1, enforce_eager=not compiled, decode_kernel=kernel)
+    step = "compiled" if compiled else ("fused" if e.decode_step is not None else "model (eager)")
     print(f"\n## Profile of a B=1 decode token, {step} step (bench-v2-small, 512-token prompt) — {load()}\n")
-    e = LLMEngine(ours, num_blocks=48, max_num_seqs=1, enforce_eager=not compiled)
     params = SamplingParams(temperature=0, max_tokens=2 * steps + 8, ignore_eos=True)
     e.add_request("p", {"prompt_token_ids": random_prompts(1, PROMPT_LEN, cfg.vocab_size, 3)[0]}, params)
     for _ in range(4):  # prefill, and the compiled step's warm-up
@@ -241,7 +250,8 @@ def main() -> None:
                 gguf_path = llamacpp.export_gguf(tmp / "ck", tmp / "ck.gguf")
             bench_decode(ours, theirs, cfg, compiled=args.compiled, gguf_path=gguf_path)
         if args.only in (None, "profile"):
-            bench_profile(ours, cfg)
+            bench_profile(ours, cfg)  # the engine's choice (the fused step where it wins)
+            bench_profile(ours, cfg, kernel="model")
             if args.compiled:
                 bench_profile(ours, cfg, compiled=True)
         if args.only in (None, "kv"):

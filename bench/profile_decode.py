@@ -46,7 +46,8 @@ MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::ma
               "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_weight_int8pack_mm",
               "aten::_weight_int4pack_mm_for_cpu", "aten::_grouped_mm",
               "nanoseek::gemv", "nanoseek::moe_experts",  # nanoseek's C++ CPU kernels (model/csrc)
-              "nanoseek::paged_latent_decode", "aoti_torch_cpu_mm_out", "aoti_torch_cpu_bmm_out"}  # and in compiled steps
+              "nanoseek::paged_latent_decode", "aoti_torch_cpu_mm_out", "aoti_torch_cpu_bmm_out",  # compiled steps
+              "nanoseek::mla_decode_step"}  # the fused step: the whole token's layers (engine/fused_decode.py)
 # module classes labelled in the profile (the innermost label owns an op)
 LABELLED = ("MLA", "GQA", "Router", "Experts", "MLP", "RMSNorm", "Embedding")
 

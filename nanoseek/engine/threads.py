@@ -9,8 +9,11 @@ parallel op waits at a barrier for both; on a machine whose other core is busy (
 server's own tokenizer threads), those waits cost more than the second thread gains: on the host in
 bench/RESULTS.md (Zen 3, 2 cores, load 8) one thread decoded 2-4x faster, and which count wins
 changes with the load. So every count is tried on live steps, the median of the recent steps of each
-decides, and the others are re-tried every `probe_every` steps of that batch size. Prefill keeps the
-process's thread count (large matmuls use both cores well).
+decides, and the others are re-tried every `probe_every` steps of that batch size. A count whose
+step took over `slower` times the best one's median is not tried again until the next probe: at
+first and at each probe it costs one step, not min_samples (idle 2 cores, fused step: 11.3 ms with
+1 thread against 6.9 with 2, each wasted step ~5 % of a 64-token run). Prefill keeps the process's
+thread count (large matmuls use both cores well).
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from collections import deque
 
 
 class DecodeThreads:
-    def __init__(self, candidates: list[int], window: int = 8, min_samples: int = 3, probe_every: int = 64):
+    def __init__(self, candidates: list[int], window: int = 8, min_samples: int = 3, probe_every: int = 64,
+                 slower: float = 1.3):
         if not candidates or any(c < 1 for c in candidates):
             raise ValueError(f"thread candidates must be integers >= 1, got {candidates}")
         self.candidates = list(dict.fromkeys(candidates))
-        self.window, self.min_samples, self.probe_every = window, min_samples, probe_every
+        self.window, self.min_samples, self.probe_every, self.slower = window, min_samples, probe_every, slower
         self._times: dict[object, dict[int, deque]] = {}
         self._steps: dict[object, int] = {}
 
@@ -32,15 +36,24 @@ class DecodeThreads:
         """The thread count for the next decode step of this key (e.g. the batch bucket)."""
         times = self._times.setdefault(key, {c: deque(maxlen=self.window) for c in self.candidates})
         n = self._steps[key] = self._steps.get(key, 0) + 1
-        for c in self.candidates:  # first every count gets its samples
-            if len(times[c]) < self.min_samples:
+        for c in self.candidates:  # first every count gets its samples, unless its first step was far slower
+            if len(times[c]) < self.min_samples and not self._far_slower(times, c):
                 return c
         best = self.best(key)
         others = [c for c in self.candidates if c != best]
         phase = n % self.probe_every
         if others and phase < self.min_samples * len(others):  # now and then, re-try the others
-            return others[phase // self.min_samples]
+            c = others[phase // self.min_samples]
+            if phase % self.min_samples == 0 or not self._far_slower(times, c):  # its probe's first step
+                return c
         return best
+
+    def _far_slower(self, times: dict, c: int) -> bool:
+        """Whether count c's latest step took over `slower` times another count's median."""
+        if not times[c]:
+            return False
+        return any(d != c and times[d] and times[c][-1] > self.slower * statistics.median(times[d])
+                   for d in self.candidates)
 
     def record(self, key, threads: int, seconds: float) -> None:
         self._times.setdefault(key, {c: deque(maxlen=self.window) for c in self.candidates})

@@ -31,6 +31,15 @@ def test_the_faster_count_is_kept_and_the_other_retried():
     assert chooser.summary()[8] == {2: 50.0, 1: 20.0}
 
 
+def test_a_far_slower_count_costs_one_step_per_probe():
+    chooser = DecodeThreads([2, 1], window=8, min_samples=3, probe_every=32)
+    picks = run(chooser, {2: 0.007, 1: 0.011}, 96)
+    assert picks[:4] == [2, 2, 2, 1]  # one step of 1 thread was enough to see it is far slower
+    assert [i + 1 for i, n in enumerate(picks) if n == 1][1:] == [32, 64, 96]  # then one step per probe, not 3
+    close = DecodeThreads([2, 1], window=8, min_samples=3, probe_every=32)
+    assert run(close, {2: 0.010, 1: 0.012}, 6) == [2, 2, 2, 1, 1, 1]  # within 1.3x: measured in full
+
+
 def test_the_choice_follows_a_change_of_load():
     chooser = DecodeThreads([2, 1], window=8, min_samples=3, probe_every=16)
     run(chooser, {2: 0.050, 1: 0.020}, 40)

@@ -63,7 +63,7 @@ at::Tensor paged_latent_decode(const at::Tensor& pool, const at::Tensor& q, cons
       // 4 query rows (a short last group repeats its first head; those lanes are never read)
       for (int64_t hh = 0; hh < 4; ++hh)
         std::copy_n(Q + (b * H + h0 + (hh < nh ? hh : 0)) * D, D, qbuf.data() + hh * D);
-      for (int64_t j = 0; j < S; ++j) keys[j] = P + (T[b * nb + j / bs] * bs + j % bs) * D;
+      nanoseek::row_keys(P, T + b * nb, bs, D, S, keys.data());
       nanoseek::attend_4heads(qbuf.data(), keys.data(), S, D, V, sc, s.data(), o4.data());
       for (int64_t hh = 0; hh < nh; ++hh) std::copy_n(o4.data() + hh * V, V, O + (b * H + h0 + hh) * V);
     }
