@@ -96,6 +96,7 @@ def layer_weights(model: CausalLM) -> list[torch.Tensor | None]:
                 *((dense.gate_proj.weight, dense.up_proj.weight, dense.down_proj.weight) if dense is not None
                   else (empty, empty, empty)),
                 *((mlp.gate.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj) if moe else (empty,) * 3)]
+    assert len(out) == len(SLOTS) * len(model.model.layers), "layer_weights and SLOTS disagree"
     return out + [model.model.embed_tokens.weight, model.model.norm.weight, model.lm_head.weight]
 
 

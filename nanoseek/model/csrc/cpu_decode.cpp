@@ -17,10 +17,11 @@
 //   4. barrier; every thread: xn = rmsnorm(x) and, for MoE, the routing (softmax, greedy top-K)
 //   5. per thread, an even contiguous share of the [gate | up] rows of the active experts and of the
 //      shared (or dense) MLP
-//   6. barrier; every thread: SwiGLU of all rows; one contiguous share of the down rows per thread: the MLP's and every active
-//      expert's (weighted), into x
+//   6. barrier; every thread: SwiGLU of all rows; one contiguous share of the down rows per thread:
+//      the MLP's and every active expert's (weighted), into x
 //   7. barrier (the next layer reads all of x)
-// then the final norm and the lm_head. Weight rows go through gemv_blocks.h as in nanoseek::gemv.
+// then the final norm and the lm_head. Weight rows go through gemv_blocks.h as in nanoseek::gemv; the
+// per-row math (norms, rope, SwiGLU) is in decode_ops.h.
 // The reference is the model's own forward (tests/engine/test_fused_decode.py checks they agree).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -31,7 +32,7 @@
 #include <cmath>
 #include <vector>
 
-#include "gemv_blocks.h"
+#include "decode_ops.h"
 #include "latent_attention.h"
 
 namespace {
@@ -46,54 +47,6 @@ enum Slot : int64_t {
 };
 
 inline int64_t blocks_of(int64_t n) { return (n + kR - 1) / kR; }
-
-// y[:n] = x / rms(x) * w (torch's rms_norm: mean of squares, + eps, reciprocal square root)
-inline void rmsnorm(const float* x, const float* w, int64_t n, float eps, float* y) {
-  const int64_t n8 = n & ~int64_t(7);
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n8; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
-    acc = _mm256_fmadd_ps(v, v, acc);
-  }
-  const float ss = nanoseek::hsum(acc) + nanoseek::dot_tail(x, x, n8, n);
-  const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
-  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * r * w[i];
-}
-
-// y = x rotated by cs ([R/2] pairs of cos, sin): DeepSeek's interleaved pairs or Llama's half-split
-inline void rope(const float* x, const float* cs, int64_t R, bool interleaved, float* y) {
-  const int64_t h = R / 2;
-  for (int64_t i = 0; i < h; ++i) {
-    const float c = cs[2 * i], s = cs[2 * i + 1];
-    const int64_t a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + h;
-    const float x0 = x[a], x1 = x[b];
-    y[a] = x0 * c - x1 * s;
-    y[b] = x0 * s + x1 * c;
-  }
-}
-
-inline float silu_mul(float g, float u) { return g / (1.f + std::exp(-g)) * u; }
-
-// out[i] = silu(h[i]) * h[I + i] for i < I (one row of [gate | up]): sigmoid(g) from e = exp(-|g|) <= 1,
-// 1 / (1 + e) for g >= 0 and e / (1 + e) below, 8 lanes at a time (every thread runs this for all rows)
-inline void swiglu_row(const float* h, int64_t I, float* out) {
-  const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
-  int64_t i = 0;
-  for (; i + 8 <= I; i += 8) {
-    const __m256 g = _mm256_loadu_ps(h + i), u = _mm256_loadu_ps(h + I + i);
-    const __m256 e = nanoseek::exp_nonpos(_mm256_or_ps(g, sign));  // exp(-|g|)
-    const __m256 r = _mm256_div_ps(one, _mm256_add_ps(one, e));
-    const __m256 sig = _mm256_blendv_ps(r, _mm256_mul_ps(e, r), g);  // g's sign bit picks e / (1 + e)
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), u));
-  }
-  for (; i < I; ++i) out[i] = silu_mul(h[i], h[I + i]);
-}
-
-// rows n < N of X (stride xs) times weight rows [o0, o1) of W ([*, I], rows contiguous) -> Y[n * ys + o - o0]
-inline void gemv_rows(const float* W, int64_t I, const float* X, int64_t xs, int64_t N, float* Y, int64_t ys,
-                      int64_t o0, int64_t o1) {
-  nanoseek::gemv_range(W + o0 * I, I, X, xs, N, Y, ys, 0, o1 - o0);
-}
 
 struct Layer {
   const float *in_norm, *q, *qa, *qa_norm, *qb, *kva, *kva_norm, *kvb, *o, *post_norm, *gate, *up, *down, *router,
@@ -259,7 +212,7 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
     for (int64_t l = 0; l < n_layers; ++l) {
       const Layer& w = layers[l];
       // 1: input norm (every thread its own copy), then [q | kv_a] (or [q_a | kv_a])
-      for (int64_t b = 0; b < B; ++b) rmsnorm(x.data() + b * C, w.in_norm, C, eps, xn.data() + b * C);
+      for (int64_t b = 0; b < B; ++b) nanoseek::rmsnorm(x.data() + b * C, w.in_norm, C, eps, xn.data() + b * C);
       const int64_t first = Lq ? Lq : QW, nq = blocks_of(first);
       const float* W1 = Lq ? w.qa : w.q;
 #pragma omp for schedule(static)
@@ -267,13 +220,13 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
         if (t < nq)
           nanoseek::gemv_range(W1, C, xn.data(), C, B, qa.data(), AW, kR * t, std::min(first, kR * t + kR));
         else
-          gemv_rows(w.kva, C, xn.data(), C, B, qa.data() + first + kR * (t - nq), AW, kR * (t - nq),
+          nanoseek::gemv_rows(w.kva, C, xn.data(), C, B, qa.data() + first + kR * (t - nq), AW, kR * (t - nq),
                     std::min(D, kR * (t - nq) + kR));
       }
       const float* Qp = qa.data();  // q [B, H, Dq] at stride QS
       int64_t QS = AW;
       if (Lq) {  // q_b_proj over the normed q_a
-        for (int64_t b = 0; b < B; ++b) rmsnorm(qa.data() + b * AW, w.qa_norm, Lq, eps, qan.data() + b * Lq);
+        for (int64_t b = 0; b < B; ++b) nanoseek::rmsnorm(qa.data() + b * AW, w.qa_norm, Lq, eps, qan.data() + b * Lq);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < blocks_of(QW); ++t)
           nanoseek::gemv_range(w.qb, Lq, qan.data(), Lq, B, qb.data(), QW, kR * t, std::min(QW, kR * t + kR));
@@ -288,14 +241,14 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
       for (int64_t t = 0; t < groups * B; ++t) {
         const int64_t b = t / groups, g = t % groups, h0 = 4 * g, nh = std::min<int64_t>(4, H - h0), S = Ls[b];
         const float* kv = qa.data() + b * AW + first;  // [c_kv | k_pe] of the new token
-        rmsnorm(kv, w.kva_norm, L, eps, lat.data());
-        rope(kv + L, cs.data() + b * R, R, interleaved, lat.data() + L);
+        nanoseek::rmsnorm(kv, w.kva_norm, L, eps, lat.data());
+        nanoseek::rope(kv + L, cs.data() + b * R, R, interleaved, lat.data() + L);
         if (g == 0) std::copy_n(lat.data(), D, w.pool + sl[b] * D);
         for (int64_t hh = 0; hh < 4; ++hh) {  // a short last group repeats its first head, never read
           const int64_t h = h0 + (hh < nh ? hh : 0);
           const float* qh = Qp + b * QS + h * Dq;
           float* out = q4.data() + hh * D;
-          rope(qh + Dn, cs.data() + b * R, R, interleaved, out + L);
+          nanoseek::rope(qh + Dn, cs.data() + b * R, R, interleaved, out + L);
           std::fill_n(out, L, 0.f);
           const float* wuk = w.kvb + h * (Dn + Dv) * L;  // W_UK of head h: [Dn, L]
           for (int64_t d = 0; d < Dn; ++d) {  // out[:L] += q_nope[d] * W_UK[d, :]
@@ -326,7 +279,7 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
       // top-K) of every row, grouped by expert. The same inputs and code give every thread the same
       // choice; ~E * C * B multiply-adds, less than a barrier's wait at the batch sizes of decode.
       const int64_t E = w.router ? weights[kSlots * l + kRouter].size(0) : 0;
-      for (int64_t b = 0; b < B; ++b) rmsnorm(x.data() + b * C, w.post_norm, C, eps, xn.data() + b * C);
+      for (int64_t b = 0; b < B; ++b) nanoseek::rmsnorm(x.data() + b * C, w.post_norm, C, eps, xn.data() + b * C);
       active.clear(), start.clear();
       int64_t P = 0;
       if (E) {
@@ -372,17 +325,17 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
         for (int64_t a = A ? lo / (2 * I) : 0; a < A && a * 2 * I < hi; ++a) {
           const int64_t e = active[a], n = rows[e].size();
           const int64_t o0 = std::max(lo - a * 2 * I, int64_t(0)), o1 = std::min(hi - a * 2 * I, 2 * I);
-          gemv_rows(w.exp_gu + e * 2 * I * C, C, xs.data() + start[a] * C, C, n, h_exp.data() + start[a] * 2 * I + o0,
+          nanoseek::gemv_rows(w.exp_gu + e * 2 * I * C, C, xs.data() + start[a] * C, C, n, h_exp.data() + start[a] * 2 * I + o0,
                     2 * I, o0, o1);
         }
         const int64_t mlo = 2 * Im * th / nt, mhi = 2 * Im * (th + 1) / nt;
         if (mlo < std::min(mhi, Im))
-          gemv_rows(w.gate, C, xn.data(), C, B, h_mlp.data() + mlo, 2 * Im, mlo, std::min(mhi, Im));
+          nanoseek::gemv_rows(w.gate, C, xn.data(), C, B, h_mlp.data() + mlo, 2 * Im, mlo, std::min(mhi, Im));
         if (std::max(mlo, Im) < mhi)
-          gemv_rows(w.up, C, xn.data(), C, B, h_mlp.data() + std::max(mlo, Im), 2 * Im, std::max(mlo, Im) - Im, mhi - Im);
+          nanoseek::gemv_rows(w.up, C, xn.data(), C, B, h_mlp.data() + std::max(mlo, Im), 2 * Im, std::max(mlo, Im) - Im, mhi - Im);
       }
-      for (int64_t p = 0; p < P; ++p) swiglu_row(h_exp.data() + p * 2 * I, I, act_e.data() + p * I);
-      for (int64_t b = 0; b < B && Im; ++b) swiglu_row(h_mlp.data() + b * 2 * Im, Im, act_m.data() + b * Im);
+      for (int64_t p = 0; p < P; ++p) nanoseek::swiglu_row(h_exp.data() + p * 2 * I, I, act_e.data() + p * I);
+      for (int64_t b = 0; b < B && Im; ++b) nanoseek::swiglu_row(h_mlp.data() + b * 2 * Im, Im, act_m.data() + b * Im);
       // 6: down rows, one contiguous share of the C output rows per thread: the MLP's, then every
       // active expert's (weighted), added into x. Each thread streams its share of each matrix in one
       // run (with 12-row tasks each expert was a 12-row run, and the step ~10 % slower at batch 8).
@@ -393,13 +346,13 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
         float* y = down_out.data();  // [rows, n0]
         if (n0 == 0) continue;
         if (Im) {
-          gemv_rows(w.down, Im, act_m.data(), Im, B, y, n0, o0, o1);
+          nanoseek::gemv_rows(w.down, Im, act_m.data(), Im, B, y, n0, o0, o1);
           for (int64_t b = 0; b < B; ++b)
             for (int64_t c = o0; c < o1; ++c) x[b * C + c] += y[b * n0 + c - o0];
         }
         for (int64_t a = 0; a < A; ++a) {
           const int64_t e = active[a], n = rows[e].size();
-          gemv_rows(w.exp_down + e * C * I, I, act_e.data() + start[a] * I, I, n, y, n0, o0, o1);
+          nanoseek::gemv_rows(w.exp_down + e * C * I, I, act_e.data() + start[a] * I, I, n, y, n0, o0, o1);
           for (int64_t r = 0; r < n; ++r) {
             const float wt = rws[e][r];
             float* xr = x.data() + rows[e][r] * C;
@@ -409,7 +362,7 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
       }
     }
     // the final norm (every thread its own copy) and the lm_head
-    for (int64_t b = 0; b < B; ++b) rmsnorm(x.data() + b * C, FN, C, eps, xn.data() + b * C);
+    for (int64_t b = 0; b < B; ++b) nanoseek::rmsnorm(x.data() + b * C, FN, C, eps, xn.data() + b * C);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < blocks_of(Vout); ++t)
       nanoseek::gemv_range(LM, C, xn.data(), C, B, OUT, Vout, kR * t, std::min(Vout, kR * t + kR));
