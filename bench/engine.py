@@ -93,6 +93,7 @@ def bench_decode(ours, theirs, cfg, seed=0, compiled=False, gguf_path: Path | No
           "| nanoseek end-to-end s | same greedy tokens | nanoseek fraction of 250 tok/s bandwidth cap "
           "| llama.cpp decode tok/s | nanoseek / llama.cpp | nanoseek model step (eager) tok/s |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    plotted: dict[int, dict[str, float]] = {}
     for B in (1, 8):
         p1, p65, p65b = (random_prompts(B, PROMPT_LEN, cfg.vocab_size, seed + k) for k in (1, 2, 3))
         run_engine(LLMEngine(ours, num_blocks=200), random_prompts(B, PROMPT_LEN, cfg.vocab_size, 99), 2, "w")
@@ -128,8 +129,37 @@ def bench_decode(ours, theirs, cfg, seed=0, compiled=False, gguf_path: Path | No
             anchor = f"| {lc_tps:.1f} | {ours_tps / lc_tps:.2f}x"
         print(f"| {B} | {theirs_tps:.1f} | {ours_tps:.1f} | {ours_tps / theirs_tps:.1f}x | {h65:.2f} | {t65:.2f} | "
               f"{same}/{B} | {cap} {anchor} | {model_tps:.1f} |")
+        plotted[B] = {"transformers": theirs_tps, "nanoseek, model step": model_tps,
+                      f"nanoseek, {'fused' if warm.decode_step is not None else 'model'} step (engine's choice)": ours_tps,
+                      **({"llama.cpp": lc_tps} if lcpp is not None else {})}
     if lcpp is not None:
         lcpp.close()
+    plot_decode(plotted, ROOT / "bench" / "engine-decode.png")
+
+
+def plot_decode(rows: dict[int, dict[str, float]], path: Path) -> None:
+    """Decode tok/s per batch size, one bar per engine (the table above, as a picture)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(n for r in rows.values() for n in r))
+    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 3.6))
+    for ax, (B, r) in zip(axes if len(rows) > 1 else [axes], rows.items()):
+        vals = [r.get(n, 0.0) for n in names]
+        bars = ax.bar(range(len(names)), vals, color=["#999999", "#8fb3d9", "#1f5fa8", "#d98f3a"][: len(names)])
+        ax.bar_label(bars, fmt="%.0f")
+        ax.margins(y=0.15)
+        ax.set_xticks(range(len(names)), [n.replace(", ", "\n").replace(" (", "\n(") for n in names], fontsize=8)
+        ax.set_title(f"batch {B}")
+        ax.set_ylabel("decode tok/s")
+    fig.suptitle(f"bench-v2-small fp32 decode, {host_key()} — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"\nplot: {path}")
 
 
 def bench_kv_bytes(ours, theirs, cfg):
@@ -218,7 +248,8 @@ def bench_profile(ours, cfg, steps: int = 32, compiled: bool = False, kernel: st
     in_mm = sum(t for k, t, _ in rows if k in mm) / 1e3
     ops = sum(c for k, _, c in rows if k.startswith("aten::"))
     print(f"| wall ms / token (profiled) | matmul and attention ms (mm, addmm, bmm, baddbmm, SDPA, nanoseek::gemv, "
-          f"nanoseek::moe_experts, nanoseek::paged_latent_decode) | outside them ms | aten ops / token |")
+          f"nanoseek::moe_experts, nanoseek::paged_latent_decode, nanoseek::mla_decode_step) | outside them ms "
+          f"| aten ops / token |")
     print("|---:|---:|---:|---:|")
     print(f"| {wall * 1e3:.2f} | {in_mm:.2f} | {wall * 1e3 - in_mm:.2f} | {ops:.0f} |")
     print("\ntop self-time ops per token:\n")
