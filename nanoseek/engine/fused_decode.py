@@ -101,9 +101,10 @@ def layer_weights(model: CausalLM) -> list[torch.Tensor | None]:
 
 
 class FusedDecode:
-    def __init__(self, model: CausalLM, cache: PagedKVCache, backend=None):
+    def __init__(self, model: CausalLM, cache: PagedKVCache, backend=None, pack: bool = True):
         """backend: the engine's attention backend, for the model's own step where fast paths are off
-        (fast.reference(), the tests' oracle)."""
+        (fast.reference(), the tests' oracle). pack=False: read the weights where the model holds them
+        (bench/decode_step.py's comparison; column-major ones still copied)."""
         why = unsupported(model, cache)
         if why is not None:
             raise ValueError(f"the fused decode step does not apply: {why}")
@@ -115,9 +116,9 @@ class FusedDecode:
         self.params = [cfg.rms_norm_eps, cfg.softmax_scale, float(cfg.routed_scaling_factor or 1.0),
                        float(model.rope_attn_factor)]
         self.inv_freq = model.inv_freq.float().contiguous()
-        self.pack()
+        self.pack(move=pack)
 
-    def pack(self) -> None:
+    def pack(self, move: bool = True) -> None:
         """Move the weights the step reads into one buffer, in the order it reads them, and point the
         model's parameters at it (the model's memory stays one copy). The buffer asks Linux for 2 MiB
         pages: a token streams every active weight once, and over 4 KiB pages in separate tensors the
@@ -126,8 +127,9 @@ class FusedDecode:
         until release_copies: `copied_bytes`."""
         ws = layer_weights(self.model)
         unique = list({id(w): w for w in ws if w is not None}.values())
-        if len({w.untyped_storage().data_ptr() for w in unique}) == 1 and all(w.is_contiguous() for w in unique):
-            packed = {id(w): w for w in unique}  # packed already (another engine on this model)
+        if not move or len({w.untyped_storage().data_ptr() for w in unique}) == 1 \
+                and all(w.is_contiguous() for w in unique):
+            packed = {id(w): w.detach().contiguous() for w in unique}  # left where they are, or packed already
         else:
             sizes = [w.numel() + (-w.numel() % 16) for w in unique]  # 64-byte aligned starts
             buf, off, packed = page_aligned_buffer(sum(sizes)), 0, {}
