@@ -184,8 +184,8 @@ def kernels_report(cfg: ModelConfig, max_rows: int, remeasure: bool = False) -> 
         model = build_model(cfg, seed=None)
     report = format_report(tune(model, max_rows=max_rows, use_cache=not remeasure))
     choices = cached_decode_choices(cfg)  # timed on real weights, so by an engine, not here
-    lines = [f"decode step, batch 1 + {n}: {c['kernel']} ("
-             + ", ".join(f"{k} {v:.0f} us" for k, v in c["us"].items()) + ")" for n, c in sorted(choices.items())]
+    lines = [f"decode step, batch 1 + {n}, {backend} attention: {c['kernel']} ("
+             + ", ".join(f"{k} {v:.0f} us" for k, v in c["us"].items()) + ")" for (n, backend), c in sorted(choices.items())]
     return report + "\n" + ("\n".join(lines) if lines else
                             "decode step: not timed on this host yet (an engine times fused vs model at start)")
 

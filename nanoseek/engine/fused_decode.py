@@ -112,7 +112,7 @@ class FusedDecode:
         cfg = model.config
         self.dims = [cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
                      cfg.kv_lora_rank, cfg.num_experts_per_tok or 0, int(bool(cfg.norm_topk_prob)),
-                     int(cfg.rope_is_interleaved)]
+                     int(cfg.rope_is_interleaved), int(cfg.model_type == "deepseek_v3")]  # V3 scales normalised weights
         self.params = [cfg.rms_norm_eps, cfg.softmax_scale, float(cfg.routed_scaling_factor or 1.0),
                        float(model.rope_attn_factor)]
         self.inv_freq = model.inv_freq.float().contiguous()
@@ -123,24 +123,22 @@ class FusedDecode:
         model's parameters at it (the model's memory stays one copy). The buffer asks Linux for 2 MiB
         pages: a token streams every active weight once, and over 4 KiB pages in separate tensors the
         same step ran 6-13 % slower here (bench/RESULTS.md). Column-major weights (a layout
-        linear.tune chose for F.linear) are copied row-major and stay as they are for the model
-        until release_copies: `copied_bytes`."""
+        linear.tune chose for F.linear) get row-major copies of their own, held by this step alone
+        (`copied_bytes`), and stay as they are for the model until release_copies."""
         ws = layer_weights(self.model)
         unique = list({id(w): w for w in ws if w is not None}.values())
-        if not move or len({w.untyped_storage().data_ptr() for w in unique}) == 1 \
-                and all(w.is_contiguous() for w in unique):
-            packed = {id(w): w.detach().contiguous() for w in unique}  # left where they are, or packed already
-        else:
-            sizes = [w.numel() + (-w.numel() % 16) for w in unique]  # 64-byte aligned starts
-            buf, off, packed = page_aligned_buffer(sum(sizes)), 0, {}
-            for w, n in zip(unique, sizes):
-                view = buf[off:off + w.numel()].view(w.shape)
-                view.copy_(w)
-                packed[id(w)] = view
-                off += n
-            for w in unique:
-                if w.is_contiguous():
+        rows = [w for w in unique if w.is_contiguous()]  # column-major ones get copies of their own
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors, whatever mode the engine starts in
+            packed = {id(w): w.detach().contiguous() for w in unique if not w.is_contiguous()}
+            if not move or len({w.untyped_storage().data_ptr() for w in rows}) <= 1:
+                packed.update((id(w), w.detach()) for w in rows)  # left where they are, or packed already
+            else:
+                sizes = [w.numel() + (-w.numel() % 16) for w in rows]  # 64-byte aligned starts
+                buf, off = page_aligned_buffer(sum(sizes)), 0
+                for w, n in zip(rows, sizes):
+                    packed[id(w)] = buf[off:off + w.numel()].view(w.shape).copy_(w)
                     w.data = packed[id(w)]
+                    off += n
         self._pending = [(w, packed[id(w)]) for w in unique if not w.is_contiguous()]
         self.copied_bytes = sum(w.numel() * 4 for w, _ in self._pending)
         none = torch.empty(0)
@@ -185,15 +183,20 @@ def time_step(name: str, fn, repeats: int = 4) -> float:
 
 def decode_key_prefix(cfg) -> str:
     """Where choose_decode_step keeps its choices for this model shape in the per-host cache
-    (then max_num_seqs)."""
+    (then max_num_seqs and the attention backend)."""
     digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"decode-step|{digest}|"
 
 
-def cached_decode_choices(cfg) -> dict[int, dict]:
-    """{max_num_seqs: {"kernel": "fused" | "model", "us": {...}}} measured on this host for this shape."""
-    prefix = decode_key_prefix(cfg)
-    return {int(k[len(prefix):]): v for k, v in load_host_cache().items() if k.startswith(prefix)}
+def cached_decode_choices(cfg) -> dict[tuple[int, str], dict]:
+    """{(max_num_seqs, attention backend): {"kernel": "fused" | "model", "us": {...}}} measured on this
+    host for this shape."""
+    prefix, out = decode_key_prefix(cfg), {}
+    for k, v in load_host_cache().items():
+        if k.startswith(prefix):
+            n, _, backend = k[len(prefix):].partition("|")
+            out[(int(n), backend)] = v
+    return out
 
 
 def choose_decode_step(model: CausalLM, cache: PagedKVCache, backend, name: str = "auto", max_num_seqs: int = 8,
@@ -213,18 +216,23 @@ def choose_decode_step(model: CausalLM, cache: PagedKVCache, backend, name: str 
         if name == "fused":
             raise ValueError(f"the fused decode step does not apply: {why}")
         return None, {}
-    fused = FusedDecode(model, cache, backend)
     if name == "fused":
+        fused = FusedDecode(model, cache, backend)
         fused.release_copies()
         return fused, {}
-    key = f"{decode_key_prefix(model.config)}{max_num_seqs}"
+    key = f"{decode_key_prefix(model.config)}{max_num_seqs}|{getattr(backend, 'name', type(backend).__name__)}"
     entry = load_host_cache().get(key) if use_cache else None
+    if entry is not None and entry.get("kernel") == "model":  # measured before: nothing to build
+        return None, {k: v / 1e6 for k, v in entry.get("us", {}).items()}
+    fused = FusedDecode(model, cache, backend)
     if entry is None or set(entry.get("us", {})) != {"model", "fused"}:
         timings = {"model": 0.0, "fused": 0.0}
-        pad_row = ([cache.num_blocks], 0)  # the padding block: written by padding rows only
+        bs = cache.block_size
         with torch.inference_mode():
             for B in sorted({1, max_num_seqs}):
-                meta = cache.metadata(backend, [pad_row] * B, num_new=1, absorb=True)
+                # padding rows in the padding block (written by padding rows only), each its own slot
+                rows = [([cache.num_blocks], b % bs) for b in range(B)]
+                meta = cache.metadata(backend, rows, num_new=1, absorb=True)
                 ids = (torch.arange(B, device=cache.device) * 7919 % model.config.vocab_size)[:, None]  # [B, 1]
 
                 def eager():
@@ -241,7 +249,7 @@ def choose_decode_step(model: CausalLM, cache: PagedKVCache, backend, name: str 
                     timings[k] += v
         entry = {"kernel": "fused" if timings["fused"] < timings["model"] else "model",
                  "us": {k: v * 1e6 for k, v in timings.items()}}
-        if use_cache:
+        if use_cache and not fast.in_reference():  # timed with the fast paths off: not this host's choice
             save_host_cache({key: entry})
     timings = {k: v / 1e6 for k, v in entry["us"].items()}
     if entry["kernel"] != "fused":

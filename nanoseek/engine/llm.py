@@ -161,6 +161,8 @@ class LLMEngine:
                  {k: f"{v * 1e6:.0f} us" for k, v in self.backend_timings.items()})
         self.decode_step: CompiledDecode | FusedDecode | None = None
         self.decode_timings: dict[str, float] = {}
+        if decode_kernel not in ("auto", "fused", "model"):
+            raise ValueError(f"decode_kernel={decode_kernel!r}: choose from ['auto', 'fused', 'model']")
         if not enforce_eager:
             self.decode_step = CompiledDecode(model, self.cache, self.backend, max_num_seqs,
                                               max_blocks_per_row=min(num_blocks, -(-self.max_model_len // block_size)))

@@ -10,10 +10,10 @@ server's own tokenizer threads), those waits cost more than the second thread ga
 bench/RESULTS.md (Zen 3, 2 cores, load 8) one thread decoded 2-4x faster, and which count wins
 changes with the load. So every count is tried on live steps, the median of the recent steps of each
 decides, and the others are re-tried every `probe_every` steps of that batch size. A count whose
-step took over `slower` times the best one's median is not tried again until the next probe: at
-first and at each probe it costs one step, not min_samples (idle 2 cores, fused step: 11.3 ms with
-1 thread against 6.9 with 2, each wasted step ~5 % of a 64-token run). Prefill keeps the process's
-thread count (large matmuls use both cores well).
+recent steps all took over `slower` times the best one's median is not tried again until the next
+probe: at first and at each probe it costs one step, not min_samples (idle 2 cores, fused step:
+11.3 ms with 1 thread against 6.9 with 2; each wasted step was ~1 % of a 64-token run). Prefill keeps
+the process's thread count (large matmuls use both cores well).
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ class DecodeThreads:
         return best
 
     def _far_slower(self, times: dict, c: int) -> bool:
-        """Whether count c's latest step took over `slower` times another count's median."""
+        """Whether even count c's fastest recent step took over `slower` times another count's median."""
         if not times[c]:
             return False
-        return any(d != c and times[d] and times[c][-1] > self.slower * statistics.median(times[d])
+        return any(d != c and times[d] and min(times[c]) > self.slower * statistics.median(times[d])
                    for d in self.candidates)
 
     def record(self, key, threads: int, seconds: float) -> None:

@@ -23,6 +23,11 @@ def enabled() -> bool:
     return _ENABLED and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
+def in_reference() -> bool:
+    """Whether a `reference()` block is running (whatever the grad mode)."""
+    return not _ENABLED
+
+
 @contextmanager
 def reference():
     """Run the block with every fast path off (the oracle the fast paths are tested against)."""

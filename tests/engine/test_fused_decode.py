@@ -28,6 +28,8 @@ VARIANTS = {  # what the fused step covers: plain V2; q_lora + YaRN; normalised 
                                                           mscale_all_dim=0.707)),
     "norm_topk": dict(norm_topk_prob=True, num_experts_per_tok=3, first_k_dense_replace=0),
     "scaled": dict(routed_scaling_factor=2.5, n_shared_experts=None),
+    # V3's rule (deepseek_v3 with softmax + greedy): normalised weights are still scaled
+    "v3_rule": dict(model_type="deepseek_v3", norm_topk_prob=True, routed_scaling_factor=2.5),
 }
 
 
@@ -39,6 +41,10 @@ def generate(model, prompts, decode_kernel, n=1, seed=None, **kw):
     kw = {**dict(block_size=4, num_blocks=64, max_num_seqs=4, attention_backend="cpu"), **kw}
     engine = LLMEngine(model, decode_kernel=decode_kernel, **kw)
     assert isinstance(engine.decode_step, fd.FusedDecode) == (decode_kernel == "fused")
+    calls = []
+    if engine.decode_step is not None:  # count the op's calls: the comparison must not be the model twice
+        run_op = engine.decode_step.run
+        engine.decode_step.run = lambda *a: calls.append(1) or run_op(*a)
     params = SamplingParams(temperature=0 if seed is None else 1.0, max_tokens=8, logprobs=2, ignore_eos=True, n=n,
                             seed=seed)
     reqs = [engine.add_request(f"r{i}", {"prompt_token_ids": p}, params) for i, p in enumerate(prompts)]
@@ -47,6 +53,8 @@ def generate(model, prompts, decode_kernel, n=1, seed=None, **kw):
         engine.step()
     assert [r.error for r in reqs] == [None] * len(reqs)
     generate.preemptions = sum(s.num_preemptions for s in seqs)
+    generate.disk_hits = engine.disk.hits if engine.disk is not None else 0
+    assert bool(calls) == (decode_kernel == "fused")
     return [(o.token_ids, o.logprobs) for r in reqs for o in r.outputs]
 
 
@@ -87,14 +95,28 @@ def test_fused_after_a_disk_cache_restart(tmp_path):
     prompt = [list(range(2, 40))]
     want = generate(model, prompt, "model")
     generate(model, prompt, "fused", cache_dir=tmp_path / "kv")  # fills the disk cache
-    assert_same(generate(model, prompt, "fused", cache_dir=tmp_path / "kv"), want)  # blocks loaded from disk
+    assert_same(generate(model, prompt, "fused", cache_dir=tmp_path / "kv"), want)
+    assert generate.disk_hits > 0  # the second engine read the prompt's blocks from disk
 
 
-def test_op_logits_and_latents_equal_the_model_forward():
+SHAPES = {  # q_lora; 6 heads (a short last group of 4) with widths that are not multiples of 8; no experts
+    "q_lora": dict(q_lora_rank=24),
+    "odd": dict(num_attention_heads=6, kv_lora_rank=36, qk_rope_head_dim=6, qk_nope_head_dim=10, v_head_dim=12,
+                moe_intermediate_size=20, hidden_size=72),
+    "dense": dict(n_routed_experts=None, first_k_dense_replace=0, num_experts_per_tok=None),
+}
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_op_logits_and_latents_equal_the_model_forward(shape, threads):
     """One step of the op against CausalLM.forward over a DenseCache: logits to 1e-5 and the same
-    latent written for the new token (checked in the pool)."""
-    cfg = tiny_v2(q_lora_rank=24)
+    latent written for the new token (checked in the pool), at 1 and 3 threads (more than some
+    phases have tasks)."""
+    cfg = tiny_v2(**SHAPES[shape])
     model = build_model(cfg, seed=5).eval()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     B, T, bs = 3, 7, 4
     ids = torch.randint(2, 96, (B, T + 1), generator=torch.Generator().manual_seed(2))
     dense = DenseCache(cfg, batch_size=B, max_len=16)
@@ -108,7 +130,10 @@ def test_op_logits_and_latents_equal_the_model_forward():
         for b in range(B):
             pool.view(-1, pool.shape[-1])[[tables[b][p // bs] * bs + p % bs for p in range(T)]] = \
                 dense.buffers[layer][b, :T]
-    got = step(ids[:, T].tolist(), [(tables[b], T) for b in range(B)], list(range(B)))
+    try:
+        got = step(ids[:, T].tolist(), [(tables[b], T) for b in range(B)], list(range(B)))
+    finally:
+        torch.set_num_threads(before)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for layer, pool in enumerate(cache.pools):
         for b in range(B):
@@ -174,7 +199,7 @@ def test_the_slower_step_is_never_chosen(faster, tmp_path, monkeypatch):
     step, timings = fd.choose_decode_step(model, cache, backend, "auto", max_num_seqs=4, timer=timer)
     assert isinstance(step, fd.FusedDecode) == (faster == "fused") and set(calls) == {"model", "fused"}
     assert timings[faster] < timings[{"model": "fused", "fused": "model"}[faster]]
-    assert fd.cached_decode_choices(model.config)[4]["kernel"] == faster  # kept for this host
+    assert fd.cached_decode_choices(model.config)[(4, "reference")]["kernel"] == faster  # kept for this host
     calls.clear()
     fd.choose_decode_step(model, cache, backend, "auto", max_num_seqs=4, timer=timer)
     assert calls == []  # the cached choice, not timed again
@@ -188,6 +213,21 @@ def test_bad_inputs_name_the_problem():
         step([96], [([0], 0)], [0])
     with pytest.raises(RuntimeError, match="block id 9 outside"):
         step.run(torch.tensor([1]), torch.tensor([6]), torch.tensor([1]), torch.tensor([[0, 9]]))
+    with pytest.raises(RuntimeError, match="slot 99 outside the pool"):
+        step.run(torch.tensor([1]), torch.tensor([1]), torch.tensor([99]), torch.tensor([[0]]))
+    with pytest.raises(RuntimeError, match="row 0 has 0 keys"):
+        step.run(torch.tensor([1]), torch.tensor([0]), torch.tensor([1]), torch.tensor([[0]]))
     step.weights[1] = step.weights[1][:, :-1].contiguous()  # layer 0's q_proj, one input column short
     with pytest.raises(RuntimeError, match="layer 0's q_proj has shape"):
         step([1], [([0], 0)], [0])
+
+
+def test_non_finite_activations_give_non_finite_logits_not_a_crash():
+    """A NaN reaching the router must not pick an expert id outside [0, E) (it would write out of bounds)."""
+    model = model_of()
+    cache = PagedKVCache(model.config, num_blocks=8, block_size=4)
+    step = fd.FusedDecode(model, cache)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[7] = float("nan")  # the packed buffer: the op reads the same memory
+    logits = step([7, 8], [([0], 0), ([1], 0)], [0, 1])
+    assert torch.isnan(logits[0]).all() and torch.isfinite(logits[1]).all()

@@ -380,6 +380,7 @@ def test_a_compiled_server_compiles_its_decode_step_before_it_listens(model_dir,
                                                                       enforce_eager):
     """--no-enforce-eager: load_state warms up every decode bucket (LLMEngine.warmup_decode) before the
     app exists, so no request waits for a compile; eager servers skip it."""
+    from nanoseek.engine.compile import CompiledDecode
     from nanoseek.engine.llm import LLMEngine
     from nanoseek.serve.app import ServeConfig, load_state
 
@@ -389,4 +390,4 @@ def test_a_compiled_server_compiles_its_decode_step_before_it_listens(model_dir,
                                    enforce_eager=enforce_eager), sheet=sheet)
     llm = state.engine.engine  # the LLMEngine inside the server's AsyncEngine
     assert warmed == ([] if enforce_eager else [llm])
-    assert (llm.decode_step is None) == enforce_eager
+    assert isinstance(llm.decode_step, CompiledDecode) == (not enforce_eager)

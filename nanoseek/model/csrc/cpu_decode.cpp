@@ -55,6 +55,12 @@ struct Layer {
   float* pool;
 };
 
+struct Scratch {
+  std::vector<float> xn, qan, s, q4, o4, lat, down_out, act_e, act_m, xs, rl;
+  std::vector<const float*> keys;
+  nanoseek::Routing routing;
+};
+
 const float* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
 
 void check_weight(const at::Tensor& t, int64_t layer, const char* name, std::initializer_list<int64_t> shape) {
@@ -66,18 +72,19 @@ void check_weight(const at::Tensor& t, int64_t layer, const char* name, std::ini
 
 }  // namespace
 
-// ids [B] (long): each row's new token; seq_lens [B]: keys of each row after this step (the new token
-// sits at position seq_lens - 1, stored in slot_mapping [B]); block_tables [B, nb]; pools: one
-// [blocks, block_size, L + R] per layer (written: the new latents). weights: kSlots per layer, then
-// embed_tokens [V, C], norm [C], lm_head [V, C]. inv_freq [R/2] fp32. dims: H, Dn, R, Dv, L, K,
-// norm_topk_prob, interleaved rope. params: rms eps, softmax scale, routed_scaling_factor, rope's
-// attention factor. Returns the logits [B, V].
+// ids [B] (long): each row's new token. seq_lens [B]: keys of each row after this step; the new token
+// sits at position seq_lens - 1, stored at slot_mapping [B] (distinct slots, as the engine's metadata
+// gives them: rows sharing a slot would race). block_tables [B, nb]. pools: one [blocks, block_size,
+// L + R] per layer (written: the new latents). weights: kSlots per layer, then embed_tokens [V, C],
+// norm [C], lm_head [V, C]. inv_freq [R/2] fp32. dims: H, Dn, R, Dv, L, K, norm_topk_prob, interleaved
+// rope, routed_scaling_factor also on normalised weights (V3). params: rms eps, softmax scale,
+// routed_scaling_factor, rope's attention factor. Returns the logits [B, V].
 at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, const at::Tensor& slot_mapping,
                            const at::Tensor& block_tables, at::TensorList pools, at::TensorList weights,
                            const at::Tensor& inv_freq, at::IntArrayRef dims, at::ArrayRef<double> params) {
-  TORCH_CHECK(dims.size() == 8 && params.size() == 4, "nanoseek::mla_decode_step: dims [8] and params [4]");
+  TORCH_CHECK(dims.size() == 9 && params.size() == 4, "nanoseek::mla_decode_step: dims [9] and params [4]");
   const int64_t H = dims[0], Dn = dims[1], R = dims[2], Dv = dims[3], L = dims[4], K = dims[5];
-  const bool norm_topk = dims[6] != 0, interleaved = dims[7] != 0;
+  const bool normalise = dims[6] != 0 && K > 1, interleaved = dims[7] != 0, scale_normalised = dims[8] != 0;
   const float eps = params[0], scale = params[1], rsf = params[2], attn_factor = params[3];
   const int64_t n_layers = static_cast<int64_t>(pools.size()), D = L + R, Dq = Dn + R;
   TORCH_CHECK(n_layers >= 1 && static_cast<int64_t>(weights.size()) == kSlots * n_layers + 3,
@@ -133,6 +140,7 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
       TORCH_CHECK(w[kExpDown].dim() == 3 && K >= 1 && K <= E, "nanoseek::mla_decode_step: layer ", l,
                   "'s experts: down_proj [E, C, I] and 1 <= K <= E");
       y.exp_inter = w[kExpDown].size(2);
+      TORCH_CHECK(y.exp_inter > 0, "nanoseek::mla_decode_step: layer ", l, "'s experts have no rows");
       check_weight(w[kRouter], l, "gate (router)", {E, C});
       check_weight(w[kExpGateUp], l, "experts.gate_up_proj", {E, 2 * y.exp_inter, C});
       check_weight(w[kExpDown], l, "experts.down_proj", {E, C, y.exp_inter});
@@ -194,20 +202,30 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
   const float* FN = final_norm.data_ptr<float>();
   const float* LM = lm_head.data_ptr<float>();
   const int threads = at::get_num_threads();
-  const int64_t groups = (H + 3) / 4;
+  const int64_t groups = (H + 3) / 4, BK = B * std::max<int64_t>(K, 1);
+  // every thread's scratch, allocated here: an allocation failing inside the region would terminate
+  std::vector<Scratch> scratch;
+  scratch.reserve(threads);
+  for (int t = 0; t < threads; ++t)
+    scratch.emplace_back(Scratch{std::vector<float>(B * C), std::vector<float>(B * std::max<int64_t>(Lq, 1)),
+                                 std::vector<float>(longest * 4 + 8), std::vector<float>(4 * D),
+                                 std::vector<float>(4 * L), std::vector<float>(D), std::vector<float>(B * C),
+                                 std::vector<float>(BK * std::max<int64_t>(max_exp, 1)),
+                                 std::vector<float>(B * std::max<int64_t>(max_mlp, 1)), std::vector<float>(BK * C),
+                                 std::vector<float>(E_max), std::vector<const float*>(longest),
+                                 nanoseek::Routing(B, K, E_max)});
+  const unsigned int csr = _mm_getcsr();  // the caller's floating-point mode (denormals), for every thread
 
 #pragma omp parallel num_threads(threads)
   {
-    // this thread's scratch
-    std::vector<float> xn(B * C), qan(B * std::max<int64_t>(Lq, 1)), s(longest * 4 + 8), q4(4 * D), o4(4 * L),
-        lat(D), down_out(B * C), act_e(B * K * std::max<int64_t>(max_exp, 1)),
-        act_m(B * std::max<int64_t>(max_mlp, 1)), xs(B * std::max<int64_t>(K, 1) * C), rl(E_max), route_w(std::max<int64_t>(K, 1));
-    std::vector<int64_t> route_id(std::max<int64_t>(K, 1));
-    std::vector<const float*> keys(longest);
-    // the routing as every thread sees it: per active expert its rows, weights and start in act_e / h_exp
-    std::vector<std::vector<int64_t>> rows(E_max);
-    std::vector<std::vector<float>> rws(E_max);
-    std::vector<int64_t> active, start;
+    // every thread computes the routing itself, so all must round alike: the caller's mode, restored after
+    const unsigned int own_csr = _mm_getcsr();
+    _mm_setcsr(csr);
+    Scratch& sc = scratch[omp_get_thread_num()];
+    std::vector<float>&xn = sc.xn, &qan = sc.qan, &s = sc.s, &q4 = sc.q4, &o4 = sc.o4, &lat = sc.lat,
+        &down_out = sc.down_out, &act_e = sc.act_e, &act_m = sc.act_m, &xs = sc.xs, &rl = sc.rl;
+    std::vector<const float*>& keys = sc.keys;
+    nanoseek::Routing& rt = sc.routing;  // the routing as every thread sees it
 
     for (int64_t l = 0; l < n_layers; ++l) {
       const Layer& w = layers[l];
@@ -280,40 +298,36 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
       // choice; ~E * C * B multiply-adds, less than a barrier's wait at the batch sizes of decode.
       const int64_t E = w.router ? weights[kSlots * l + kRouter].size(0) : 0;
       for (int64_t b = 0; b < B; ++b) nanoseek::rmsnorm(x.data() + b * C, w.post_norm, C, eps, xn.data() + b * C);
-      active.clear(), start.clear();
-      int64_t P = 0;
+      int64_t P = 0, A = 0;
       if (E) {
-        for (int64_t e = 0; e < E; ++e) rows[e].clear(), rws[e].clear();
         for (int64_t b = 0; b < B; ++b) {
           nanoseek::gemv_range(w.router, C, xn.data() + b * C, C, 1, rl.data(), E, 0, E);
           float mx = rl[0], sum = 0.f;
           for (int64_t e = 1; e < E; ++e) mx = std::max(mx, rl[e]);
           for (int64_t e = 0; e < E; ++e) sum += (rl[e] = std::exp(rl[e] - mx));
           for (int64_t e = 0; e < E; ++e) rl[e] /= sum;
+          std::fill_n(rt.taken.data(), E, 0);
           float chosen = 0.f;
-          for (int64_t k = 0; k < K; ++k) {  // the K best scores, the lower id first on a tie
+          for (int64_t k = 0; k < K; ++k) {  // the K best scores, the lower id first on a tie (NaN: the first)
             int64_t best = -1;
             for (int64_t e = 0; e < E; ++e)
-              if (rl[e] >= 0.f && (best < 0 || rl[e] > rl[best])) best = e;
-            route_id[k] = best;
-            chosen += (route_w[k] = rl[best]);
-            rl[best] = -1.f;  // taken
+              if (!rt.taken[e] && (best < 0 || rl[e] > rl[best])) best = e;
+            rt.taken[best] = 1;
+            rt.id[b * K + k] = best;
+            chosen += (rt.w[b * K + k] = rl[best]);
           }
-          for (int64_t k = 0; k < K; ++k) {  // the weights as nanoseek.model.moe.route gives them for V2
-            float wk = route_w[k];
-            if (norm_topk && K > 1) wk /= chosen + 1e-20f;
-            else if (rsf != 1.f) wk *= rsf;
-            rows[route_id[k]].push_back(b);
-            rws[route_id[k]].push_back(wk);
+          for (int64_t k = 0; k < K; ++k) {  // the weights as nanoseek.model.moe.route gives them
+            float& wk = rt.w[b * K + k];
+            if (normalise) wk /= chosen + 1e-20f;
+            if ((!normalise || scale_normalised) && rsf != 1.f) wk *= rsf;
           }
         }
-        for (int64_t e = 0; e < E; ++e)
-          if (!rows[e].empty()) active.push_back(e), start.push_back(P), P += rows[e].size();
-        for (int64_t a = 0; a < static_cast<int64_t>(active.size()); ++a)  // the rows, packed by expert
-          for (size_t r = 0; r < rows[active[a]].size(); ++r)
-            std::copy_n(xn.data() + rows[active[a]][r] * C, C, xs.data() + (start[a] + r) * C);
+        A = rt.group(B, K, E);  // (row, expert) pairs by expert: rt.active, rt.start, rt.count, rt.row, rt.pw
+        for (int64_t p = 0; p < B * K; ++p)  // the rows, packed by expert
+          std::copy_n(xn.data() + rt.row[p] * C, C, xs.data() + p * C);
+        P = B * K;
       }
-      const int64_t A = active.size(), I = w.exp_inter, Im = w.mlp_inter;
+      const int64_t I = w.exp_inter, Im = w.mlp_inter;
       const int64_t nt = omp_get_num_threads();
       // 5: [gate | up] rows of every active expert (for its own rows) and of the MLP (for every row), each
       // thread an even contiguous share of both, so that it streams each matrix in one run; then every
@@ -323,9 +337,9 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
       for (int64_t th = 0; th < nt; ++th) {
         const int64_t tot = A * 2 * I, lo = tot * th / nt, hi = tot * (th + 1) / nt;
         for (int64_t a = A ? lo / (2 * I) : 0; a < A && a * 2 * I < hi; ++a) {
-          const int64_t e = active[a], n = rows[e].size();
+          const int64_t e = rt.active[a], n = rt.count[a];
           const int64_t o0 = std::max(lo - a * 2 * I, int64_t(0)), o1 = std::min(hi - a * 2 * I, 2 * I);
-          nanoseek::gemv_rows(w.exp_gu + e * 2 * I * C, C, xs.data() + start[a] * C, C, n, h_exp.data() + start[a] * 2 * I + o0,
+          nanoseek::gemv_rows(w.exp_gu + e * 2 * I * C, C, xs.data() + rt.start[a] * C, C, n, h_exp.data() + rt.start[a] * 2 * I + o0,
                     2 * I, o0, o1);
         }
         const int64_t mlo = 2 * Im * th / nt, mhi = 2 * Im * (th + 1) / nt;
@@ -351,11 +365,11 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
             for (int64_t c = o0; c < o1; ++c) x[b * C + c] += y[b * n0 + c - o0];
         }
         for (int64_t a = 0; a < A; ++a) {
-          const int64_t e = active[a], n = rows[e].size();
-          nanoseek::gemv_rows(w.exp_down + e * C * I, I, act_e.data() + start[a] * I, I, n, y, n0, o0, o1);
+          const int64_t e = rt.active[a], n = rt.count[a], p0 = rt.start[a];
+          nanoseek::gemv_rows(w.exp_down + e * C * I, I, act_e.data() + p0 * I, I, n, y, n0, o0, o1);
           for (int64_t r = 0; r < n; ++r) {
-            const float wt = rws[e][r];
-            float* xr = x.data() + rows[e][r] * C;
+            const float wt = rt.pw[p0 + r];
+            float* xr = x.data() + rt.row[p0 + r] * C;
             for (int64_t c = o0; c < o1; ++c) xr[c] += wt * y[r * n0 + c - o0];
           }
         }
@@ -366,6 +380,7 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < blocks_of(Vout); ++t)
       nanoseek::gemv_range(LM, C, xn.data(), C, B, OUT, Vout, kR * t, std::min(Vout, kR * t + kR));
+    _mm_setcsr(own_csr);
   }
   return logits;
 }
