@@ -175,17 +175,16 @@ def kernels_report(cfg: ModelConfig, max_rows: int, remeasure: bool = False) -> 
     the choice this host makes; the model is built on the meta device, so only shapes are used."""
     import torch
 
+    from nanoseek.engine.fused_decode import cached_decode_choices
     from nanoseek.model.linear import format_report, tune
     from nanoseek.model.transformer import build_model
-
-    from nanoseek.engine.fused_decode import cached_decode_choices
 
     with torch.device("meta"):
         model = build_model(cfg, seed=None)
     report = format_report(tune(model, max_rows=max_rows, use_cache=not remeasure))
-    choices = cached_decode_choices(cfg)  # timed on real weights, so by an engine, not here
     lines = [f"decode step, batch 1 + {n}, {backend} attention: {c['kernel']} ("
-             + ", ".join(f"{k} {v:.0f} us" for k, v in c["us"].items()) + ")" for (n, backend), c in sorted(choices.items())]
+             + ", ".join(f"{k} {v:.0f} us" for k, v in c["us"].items()) + ")"
+             for (n, backend), c in sorted(cached_decode_choices(cfg).items())]  # timed by engines, on real weights
     return report + "\n" + ("\n".join(lines) if lines else
                             "decode step: not timed on this host yet (an engine times fused vs model at start)")
 

@@ -37,13 +37,13 @@ from nanoseek.engine.block_manager import BlockManager
 from nanoseek.engine.compile import CompiledDecode
 from nanoseek.engine.detokenize import IncrementalDetokenizer
 from nanoseek.engine.disk_cache import DiskCache, model_fingerprint
+from nanoseek.engine.fused_decode import FusedDecode, choose_decode_step
 from nanoseek.engine.kv_cache import PagedKVCache
 from nanoseek.engine.runner import ModelRunner
 from nanoseek.engine.sampling import SamplingParams, make_generator
 from nanoseek.engine.scheduler import RequestRejected, Scheduler
 from nanoseek.engine.sequence import Sequence
 from nanoseek.engine.structured import GrammarState, Grammars
-from nanoseek.engine.fused_decode import FusedDecode, choose_decode_step
 from nanoseek.engine.threads import DecodeThreads
 from nanoseek.model.linear import MAX_ROWS, format_report, tune
 from nanoseek.model.moe import tune_dispatch
