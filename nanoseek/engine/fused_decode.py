@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from nanoseek.engine.compile import sampled_rows
 from nanoseek.engine.kv_cache import PagedKVCache
 from nanoseek.model import cpu_kernels, fast
 from nanoseek.model.linear import load_host_cache, save_host_cache
@@ -160,9 +161,7 @@ class FusedDecode:
             logits = self.model.compute_logits(hidden[:, 0])  # [B, V]
         else:
             logits = self.run(torch.tensor(token_ids), meta.seq_lens, meta.slot_mapping, meta.block_tables)
-        if sample_rows == list(range(len(sample_rows))):
-            return logits[: len(sample_rows)]
-        return logits[torch.tensor(sample_rows)]
+        return sampled_rows(logits, sample_rows)
 
     def run(self, ids, seq_lens, slot_mapping, block_tables) -> torch.Tensor:
         """The op itself: ids [B], seq_lens [B], slot_mapping [B], block_tables [B, nb] -> logits [B, V]."""
