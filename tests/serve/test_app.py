@@ -25,16 +25,17 @@ MODEL = "tiny"
 
 
 # ---------------------------------------------------------------------------- a live server
-def build_model_dir(folder: Path) -> Path:
-    """Tokenizer + tiny V2 model in HF layout. No EOS in the config: every request runs to max_tokens,
-    so token counts are known exactly."""
+def build_model_dir(folder: Path, context: int = 256) -> Path:
+    """Tokenizer + tiny V2 model in HF layout (context: max_position_embeddings). No EOS in the config:
+    every request runs to max_tokens, so token counts are known exactly."""
     from nanoseek.data.tokenizer import train_tokenizer
     from nanoseek.model.checkpoint import save_model
     from nanoseek.model.transformer import build_model
     from tests.conftest import tiny_v2
 
     tok = train_tokenizer(CORPUS, vocab_size=300, out_dir=folder)
-    cfg = tiny_v2(vocab_size=tok.vocab_size, eos_token_id=None, bos_token_id=tok.bos_id)
+    cfg = tiny_v2(vocab_size=tok.vocab_size, eos_token_id=None, bos_token_id=tok.bos_id,
+                  max_position_embeddings=context)
     save_model(build_model(cfg, seed=7), folder,
                extra_files={f: folder / f for f in os.listdir(folder) if f.startswith("tokenizer")})
     return folder
