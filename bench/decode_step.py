@@ -1,6 +1,7 @@
-"""One decode step without the engine: the fused C++ step against the model's own step, and the fused
+"""One decode step without the engine: the fused C++ step against the model's own step, the fused
 step with its weights packed (one buffer, 2 MiB pages) against the same weights left where the model
-had them — interleaved rounds in one process, so that the host's drift hits every candidate alike.
+had them, and its two row kernels ("stream": one weight row at a time; "blocks": 4 side by side) —
+interleaved rounds in one process, so that the host's drift hits every candidate alike.
 
     .venv/bin/python bench/decode_step.py                       # bench-v2-small, B = 1 and 8, 512 keys
     .venv/bin/python bench/decode_step.py --batch 1 --context 2048
@@ -51,9 +52,9 @@ def main() -> None:
     cfg = ModelConfig.from_json(args.config)
     print(f"# decode step — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {host_key()}, "
           f"{Path(args.config).name}, {args.context} keys per row\n")
-    print("| batch | model step ms | fused, weights where the model had them ms | fused, packed ms "
-          "| fused tok/s | fused / model | packed / unpacked |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| batch | model step ms | fused, weights where the model had them ms | fused, blocks ms | fused ms "
+          "| fused tok/s | fused / model | packed / unpacked | stream / blocks |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for B in args.batch:
         model = build_model(cfg, seed=0).eval()
         tune(model, max_rows=B)  # the model step with the kernels an engine would choose on this host
@@ -65,6 +66,7 @@ def main() -> None:
             raise SystemExit(f"the fused step does not apply: {why}")
         loose = FusedDecode(model, cache, pack=False)  # the weights in the model's own tensors
         packed = FusedDecode(model, cache)  # moves the model's weights into one buffer (loose keeps the old)
+        blocks = FusedDecode(model, cache, row_kernel="blocks")  # the same buffer (packed already)
         rows = [(list(range(b * nb, (b + 1) * nb)), args.context) for b in range(B)]
         backend = CPUKernelBackend(cache)
         meta = cache.metadata(backend, rows, num_new=1, absorb=True)
@@ -74,15 +76,18 @@ def main() -> None:
         def model_step():
             return model.compute_logits(model(ids[:, None], attn_metadata=meta)[:, 0])
 
-        candidates = {"model": model_step, "loose": lambda: loose.run(*args_), "packed": lambda: packed.run(*args_)}
+        candidates = {"model": model_step, "loose": lambda: loose.run(*args_), "blocks": lambda: blocks.run(*args_),
+                      "packed": lambda: packed.run(*args_)}
         got = {k: [] for k in candidates}
         with torch.inference_mode():
             torch.testing.assert_close(loose.run(*args_), packed.run(*args_), atol=0, rtol=0)
+            torch.testing.assert_close(blocks.run(*args_), packed.run(*args_), atol=1e-4, rtol=1e-4)
             for _ in range(args.rounds):
                 for k, fn in candidates.items():
                     got[k].append(median_ms(fn, args.calls))
-        m, lo, pk = (statistics.median(got[k]) for k in ("model", "loose", "packed"))
-        print(f"| {B} | {m:.2f} | {lo:.2f} | {pk:.2f} | {B / pk * 1e3:.1f} | {m / pk:.2f}x | {lo / pk:.2f}x |")
+        m, lo, bl, pk = (statistics.median(got[k]) for k in ("model", "loose", "blocks", "packed"))
+        print(f"| {B} | {m:.2f} | {lo:.2f} | {bl:.2f} | {pk:.2f} | {B / pk * 1e3:.1f} | {m / pk:.2f}x "
+              f"| {lo / pk:.2f}x | {bl / pk:.2f}x |")
 
 
 if __name__ == "__main__":

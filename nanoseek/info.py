@@ -182,7 +182,8 @@ def kernels_report(cfg: ModelConfig, max_rows: int, remeasure: bool = False) -> 
     with torch.device("meta"):
         model = build_model(cfg, seed=None)
     report = format_report(tune(model, max_rows=max_rows, use_cache=not remeasure))
-    lines = [f"decode step, batch 1 + {n}, {backend} attention: {c['kernel']} ("
+    lines = [f"decode step, batch 1 + {n}, {backend} attention: {c['kernel']}"
+             + (f" with {c['rows']} rows" if c["kernel"] == "fused" and "rows" in c else "") + " ("
              + ", ".join(f"{k} {v:.0f} us" for k, v in c["us"].items()) + ")"
              for (n, backend), c in sorted(cached_decode_choices(cfg).items())]  # timed by engines, on real weights
     return report + "\n" + ("\n".join(lines) if lines else

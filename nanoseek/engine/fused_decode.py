@@ -101,11 +101,18 @@ def layer_weights(model: CausalLM) -> list[torch.Tensor | None]:
     return out + [model.model.embed_tokens.weight, model.model.norm.weight, model.lm_head.weight]
 
 
+# how the op reads weight rows against the activation rows left over from fours (all of them below
+# batch 4): "stream" one row at a time front to back, "blocks" 4 rows side by side (gemv_blocks.h)
+ROW_KERNELS = ("stream", "blocks")
+
+
 class FusedDecode:
-    def __init__(self, model: CausalLM, cache: PagedKVCache, backend=None, pack: bool = True):
+    def __init__(self, model: CausalLM, cache: PagedKVCache, backend=None, pack: bool = True,
+                 row_kernel: str = "stream"):
         """backend: the engine's attention backend, for the model's own step where fast paths are off
         (fast.reference(), the tests' oracle). pack=False: read the weights where the model holds them
-        (bench/decode_step.py's comparison; column-major ones still copied)."""
+        (bench/decode_step.py's comparison; column-major ones still copied). row_kernel: one of
+        ROW_KERNELS (choose_decode_step measures both)."""
         why = unsupported(model, cache)
         if why is not None:
             raise ValueError(f"the fused decode step does not apply: {why}")
@@ -113,7 +120,9 @@ class FusedDecode:
         cfg = model.config
         self.dims = [cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
                      cfg.kv_lora_rank, cfg.num_experts_per_tok or 0, int(bool(cfg.norm_topk_prob)),
-                     int(cfg.rope_is_interleaved), int(cfg.model_type == "deepseek_v3")]  # V3 scales normalised weights
+                     int(cfg.rope_is_interleaved), int(cfg.model_type == "deepseek_v3"),  # V3 scales normalised weights
+                     0]  # the row kernel, set below
+        self.row_kernel = row_kernel
         self.params = [cfg.rms_norm_eps, cfg.softmax_scale, float(cfg.routed_scaling_factor or 1.0),
                        float(model.rope_attn_factor)]
         self.inv_freq = model.inv_freq.float().contiguous()
@@ -144,6 +153,16 @@ class FusedDecode:
         self.copied_bytes = sum(w.numel() * 4 for w, _ in self._pending)
         none = torch.empty(0)
         self.weights = [none if w is None else packed[id(w)] for w in ws]
+
+    @property
+    def row_kernel(self) -> str:
+        return ROW_KERNELS[1 - self.dims[9]]
+
+    @row_kernel.setter
+    def row_kernel(self, name: str) -> None:
+        if name not in ROW_KERNELS:
+            raise ValueError(f"row_kernel={name!r}: choose from {list(ROW_KERNELS)}")
+        self.dims[9] = int(name == "stream")
 
     def release_copies(self) -> None:
         """Point the column-major parameters at their row-major copies too (F.linear takes either;
@@ -202,8 +221,10 @@ def choose_decode_step(model: CausalLM, cache: PagedKVCache, backend, name: str 
                        timer=time_step, use_cache: bool = True) -> tuple[FusedDecode | None, dict[str, float]]:
     """(the fused step, or None for the model's own step; {candidate: seconds per step, summed over
     batch 1 and max_num_seqs}). name: "auto" (measure, where the fused step applies), "fused" or
-    "model". "auto" keeps its choice per host and model shape with the kernel choices
-    (linear.save_host_cache), so an engine on the same host and model does not time it again.
+    "model". The candidates are the model's step and the fused step with each of ROW_KERNELS
+    ("fused:stream", "fused:blocks"). "auto" keeps its choice per host and model shape with the
+    kernel choices (linear.save_host_cache), so an engine on the same host and model does not time it
+    again; "fused" takes the row kernel cached there, or "stream".
     The candidates decode padding rows (one key each, in the pool's padding block, which no sequence
     holds) of distinct tokens: the weights, not the context, are what a decode step reads most."""
     if name not in ("auto", "fused", "model"):
@@ -215,17 +236,20 @@ def choose_decode_step(model: CausalLM, cache: PagedKVCache, backend, name: str 
         if name == "fused":
             raise ValueError(f"the fused decode step does not apply: {why}")
         return None, {}
+    key = f"{decode_key_prefix(model.config)}{max_num_seqs}|{getattr(backend, 'name', type(backend).__name__)}"
+    candidates = ["model", *(f"fused:{r}" for r in ROW_KERNELS)]
+    entry = load_host_cache().get(key) if use_cache else None
+    if entry is not None and set(entry.get("us", {})) != set(candidates):
+        entry = None  # timed before the row kernels were candidates
     if name == "fused":
-        fused = FusedDecode(model, cache, backend)
+        fused = FusedDecode(model, cache, backend, row_kernel=(entry or {}).get("rows", "stream"))
         fused.release_copies()
         return fused, {}
-    key = f"{decode_key_prefix(model.config)}{max_num_seqs}|{getattr(backend, 'name', type(backend).__name__)}"
-    entry = load_host_cache().get(key) if use_cache else None
     if entry is not None and entry.get("kernel") == "model":  # measured before: nothing to build
-        return None, {k: v / 1e6 for k, v in entry.get("us", {}).items()}
+        return None, {k: v / 1e6 for k, v in entry["us"].items()}
     fused = FusedDecode(model, cache, backend)
-    if entry is None or set(entry.get("us", {})) != {"model", "fused"}:
-        timings = {"model": 0.0, "fused": 0.0}
+    if entry is None:
+        timings = dict.fromkeys(candidates, 0.0)
         bs = cache.block_size
         with torch.inference_mode():
             for B in sorted({1, max_num_seqs}):
@@ -237,21 +261,28 @@ def choose_decode_step(model: CausalLM, cache: PagedKVCache, backend, name: str 
                 def eager():
                     return model.compute_logits(model(ids, attn_metadata=meta)[:, 0])
 
-                def one():
-                    return fused.run(ids[:, 0], meta.seq_lens, meta.slot_mapping, meta.block_tables)
+                def fused_with(row_kernel):
+                    def one():
+                        fused.row_kernel = row_kernel
+                        return fused.run(ids[:, 0], meta.seq_lens, meta.slot_mapping, meta.block_tables)
+                    return one
 
-                best = {"model": float("inf"), "fused": float("inf")}
+                fns = {"model": eager, **{f"fused:{r}": fused_with(r) for r in ROW_KERNELS}}
+                best = dict.fromkeys(candidates, float("inf"))
                 for _ in range(2):  # interleaved rounds: a host's speed drifts
-                    best["model"] = min(best["model"], timer("model", eager))
-                    best["fused"] = min(best["fused"], timer("fused", one))
+                    for k, fn in fns.items():
+                        best[k] = min(best[k], timer(k, fn))
                 for k, v in best.items():
                     timings[k] += v
-        entry = {"kernel": "fused" if timings["fused"] < timings["model"] else "model",
+        fastest = min(candidates, key=timings.__getitem__)
+        entry = {"kernel": fastest.partition(":")[0],
+                 "rows": min(ROW_KERNELS, key=lambda r: timings[f"fused:{r}"]),
                  "us": {k: v * 1e6 for k, v in timings.items()}}
         if use_cache and not fast.in_reference():  # timed with the fast paths off: not this host's choice
             save_host_cache({key: entry})
     timings = {k: v / 1e6 for k, v in entry["us"].items()}
     if entry["kernel"] != "fused":
         return None, timings
+    fused.row_kernel = entry["rows"]
     fused.release_copies()
     return fused, timings

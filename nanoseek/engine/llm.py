@@ -170,7 +170,8 @@ class LLMEngine:
             self.decode_step, self.decode_timings = choose_decode_step(model, self.cache, self.backend, decode_kernel,
                                                                        max_num_seqs)
             log.info("decode step: %s (timings per step at batch 1 + %d: %s)",
-                     "fused" if self.decode_step is not None else "model", max_num_seqs,
+                     f"fused ({self.decode_step.row_kernel} rows)" if self.decode_step is not None else "model",
+                     max_num_seqs,
                      {k: f"{v * 1e6:.0f} us" for k, v in self.decode_timings.items()})
         compiled = isinstance(self.decode_step, CompiledDecode)
         if not (decode_threads in ("auto", None) or type(decode_threads) is int and decode_threads >= 1):

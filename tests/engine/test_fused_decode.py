@@ -107,24 +107,26 @@ SHAPES = {  # q_lora; 6 heads (a short last group of 4) with widths that are not
 }
 
 
+@pytest.mark.parametrize("row_kernel, B", [("stream", 3), ("stream", 6), ("blocks", 3)])
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_op_logits_and_latents_equal_the_model_forward(shape, threads):
+def test_op_logits_and_latents_equal_the_model_forward(shape, threads, row_kernel, B):
     """One step of the op against CausalLM.forward over a DenseCache: logits to 1e-5 and the same
     latent written for the new token (checked in the pool), at 1 and 3 threads (more than some
-    phases have tasks)."""
+    phases have tasks), with either row kernel: 3 rows (experts get 1-3 of them), or 6 (a block of
+    4 and 2 more)."""
     cfg = tiny_v2(**SHAPES[shape])
     model = build_model(cfg, seed=5).eval()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    B, T, bs = 3, 7, 4
+    T, bs = 7, 4
     ids = torch.randint(2, 96, (B, T + 1), generator=torch.Generator().manual_seed(2))
     dense = DenseCache(cfg, batch_size=B, max_len=16)
     with torch.inference_mode():
         model(ids[:, :T], attn_metadata=dense.step(T))
         want = model.compute_logits(model(ids[:, T:], attn_metadata=dense.step(1, absorb=True))[:, 0])  # [B, V]
     cache = PagedKVCache(cfg, num_blocks=B * 2 + 1, block_size=bs)
-    step = fd.FusedDecode(model, cache)
+    step = fd.FusedDecode(model, cache, row_kernel=row_kernel)
     tables = [[2 * b + 1, 2 * b + 2] for b in range(B)]  # two blocks per row, not in row order
     for layer, pool in enumerate(cache.pools):  # the prompt's latents, copied from the dense cache
         for b in range(B):
@@ -183,7 +185,7 @@ def test_unsupported_models_say_why_and_take_the_model_step(make_cfg, why):
         fd.choose_decode_step(model, cache, None, "fast")
 
 
-@pytest.mark.parametrize("faster", ["model", "fused"])
+@pytest.mark.parametrize("faster", ["model", "fused:stream", "fused:blocks"])
 def test_the_slower_step_is_never_chosen(faster, tmp_path, monkeypatch):
     monkeypatch.setenv("NANOSEEK_CACHE_DIR", str(tmp_path))
     model = model_of()
@@ -197,12 +199,38 @@ def test_the_slower_step_is_never_chosen(faster, tmp_path, monkeypatch):
 
     backend = ReferenceBackend(cache)
     step, timings = fd.choose_decode_step(model, cache, backend, "auto", max_num_seqs=4, timer=timer)
-    assert isinstance(step, fd.FusedDecode) == (faster == "fused") and set(calls) == {"model", "fused"}
-    assert timings[faster] < timings[{"model": "fused", "fused": "model"}[faster]]
-    assert fd.cached_decode_choices(model.config)[(4, "reference")]["kernel"] == faster  # kept for this host
+    assert set(calls) == {"model", "fused:stream", "fused:blocks"}
+    assert timings[faster] == min(timings.values()) and max(timings.values()) > timings[faster]
+    kernel, _, rows = faster.partition(":")
+    assert isinstance(step, fd.FusedDecode) == (kernel == "fused")
+    if step is not None:
+        assert step.row_kernel == rows
+    assert fd.cached_decode_choices(model.config)[(4, "reference")]["kernel"] == kernel  # kept for this host
     calls.clear()
-    fd.choose_decode_step(model, cache, backend, "auto", max_num_seqs=4, timer=timer)
+    again, _ = fd.choose_decode_step(model, cache, backend, "auto", max_num_seqs=4, timer=timer)
     assert calls == []  # the cached choice, not timed again
+    assert (again.row_kernel if again is not None else None) == (rows or None)
+    forced, _ = fd.choose_decode_step(model, cache, backend, "fused", max_num_seqs=4, timer=timer)
+    assert calls == [] and forced.row_kernel == (rows or "stream")  # "fused" takes the measured row kernel
+
+
+def test_an_entry_timed_before_the_row_kernels_is_timed_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOSEEK_CACHE_DIR", str(tmp_path))
+    model = model_of()
+    cache = PagedKVCache(model.config, num_blocks=8, block_size=4)
+    key = f"{fd.decode_key_prefix(model.config)}4|reference"
+    lin.save_host_cache({key: {"kernel": "model", "us": {"model": 1.0, "fused": 2.0}}})  # an older entry
+    calls = []
+    step, _ = fd.choose_decode_step(model, cache, ReferenceBackend(cache), "auto", max_num_seqs=4,
+                                    timer=lambda name, fn: calls.append(name) or (1e-3 if name == "fused:stream" else 2e-3))
+    assert set(calls) == {"model", "fused:stream", "fused:blocks"} and step.row_kernel == "stream"
+
+
+def test_row_kernel_names_are_checked():
+    model = model_of()
+    step = fd.FusedDecode(model, PagedKVCache(model.config, num_blocks=8, block_size=4))
+    with pytest.raises(ValueError, match="row_kernel='rows'"):
+        step.row_kernel = "rows"
 
 
 def test_bad_inputs_name_the_problem():

@@ -20,8 +20,9 @@
 //   6. barrier; every thread: SwiGLU of all rows; one contiguous share of the down rows per thread:
 //      the MLP's and every active expert's (weighted), into x
 //   7. barrier (the next layer reads all of x)
-// then the final norm and the lm_head. Weight rows go through gemv_blocks.h as in nanoseek::gemv; the
-// per-row math (norms, rope, SwiGLU) is in decode_ops.h.
+// then the final norm and the lm_head. Weight rows go through gemv_blocks.h as in nanoseek::gemv, with
+// the few-rows kernel the engine measured faster on this host (dims[9], Rows); the per-row math
+// (norms, rope, SwiGLU) is in decode_ops.h.
 // The reference is the model's own forward (tests/engine/test_fused_decode.py checks they agree).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -77,14 +78,16 @@ void check_weight(const at::Tensor& t, int64_t layer, const char* name, std::ini
 // gives them: rows sharing a slot would race). block_tables [B, nb]. pools: one [blocks, block_size,
 // L + R] per layer (written: the new latents). weights: kSlots per layer, then embed_tokens [V, C],
 // norm [C], lm_head [V, C]. inv_freq [R/2] fp32. dims: H, Dn, R, Dv, L, K, norm_topk_prob, interleaved
-// rope, routed_scaling_factor also on normalised weights (V3). params: rms eps, softmax scale,
+// rope, routed_scaling_factor also on normalised weights (V3), the few-rows kernel (1: Rows::kStream,
+// 0: kBlocks; gemv_blocks.h). params: rms eps, softmax scale,
 // routed_scaling_factor, rope's attention factor. Returns the logits [B, V].
 at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, const at::Tensor& slot_mapping,
                            const at::Tensor& block_tables, at::TensorList pools, at::TensorList weights,
                            const at::Tensor& inv_freq, at::IntArrayRef dims, at::ArrayRef<double> params) {
-  TORCH_CHECK(dims.size() == 9 && params.size() == 4, "nanoseek::mla_decode_step: dims [9] and params [4]");
+  TORCH_CHECK(dims.size() == 10 && params.size() == 4, "nanoseek::mla_decode_step: dims [10] and params [4]");
   const int64_t H = dims[0], Dn = dims[1], R = dims[2], Dv = dims[3], L = dims[4], K = dims[5];
   const bool normalise = dims[6] != 0 && K > 1, interleaved = dims[7] != 0, scale_normalised = dims[8] != 0;
+  const nanoseek::Rows rows = dims[9] != 0 ? nanoseek::Rows::kStream : nanoseek::Rows::kBlocks;
   const float eps = params[0], scale = params[1], rsf = params[2], attn_factor = params[3];
   const int64_t n_layers = static_cast<int64_t>(pools.size()), D = L + R, Dq = Dn + R;
   TORCH_CHECK(n_layers >= 1 && static_cast<int64_t>(weights.size()) == kSlots * n_layers + 3,
@@ -236,10 +239,10 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < nq + blocks_of(D); ++t) {
         if (t < nq)
-          nanoseek::gemv_range(W1, C, xn.data(), C, B, qa.data(), AW, kR * t, std::min(first, kR * t + kR));
+          nanoseek::gemv_range(W1, C, xn.data(), C, B, qa.data(), AW, kR * t, std::min(first, kR * t + kR), rows);
         else
           nanoseek::gemv_rows(w.kva, C, xn.data(), C, B, qa.data() + first + kR * (t - nq), AW, kR * (t - nq),
-                    std::min(D, kR * (t - nq) + kR));
+                    std::min(D, kR * (t - nq) + kR), rows);
       }
       const float* Qp = qa.data();  // q [B, H, Dq] at stride QS
       int64_t QS = AW;
@@ -247,7 +250,7 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
         for (int64_t b = 0; b < B; ++b) nanoseek::rmsnorm(qa.data() + b * AW, w.qa_norm, Lq, eps, qan.data() + b * Lq);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < blocks_of(QW); ++t)
-          nanoseek::gemv_range(w.qb, Lq, qan.data(), Lq, B, qb.data(), QW, kR * t, std::min(QW, kR * t + kR));
+          nanoseek::gemv_range(w.qb, Lq, qan.data(), Lq, B, qb.data(), QW, kR * t, std::min(QW, kR * t + kR), rows);
         Qp = qb.data(), QS = QW;
       }
       // 2: per (4 heads, row): the row's new latent (written to the pool by the first group's task; each
@@ -283,13 +286,13 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
         nanoseek::attend_4heads(q4.data(), keys.data(), S, D, L, scale, s.data(), o4.data());
         for (int64_t hh = 0; hh < nh; ++hh)  // W_UV of head h: rows Dn.. of its kv_b_proj rows, [Dv, L]
           nanoseek::gemv_range(w.kvb + ((h0 + hh) * (Dn + Dv) + Dn) * L, L, o4.data() + hh * L, L, 1,
-                               ov.data() + b * H * Dv + (h0 + hh) * Dv, Dv, 0, Dv);
+                               ov.data() + b * H * Dv + (h0 + hh) * Dv, Dv, 0, Dv, rows);
       }
       // 3: x += o_proj(o), each task its own columns
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < blocks_of(C); ++t) {
         const int64_t o0 = kR * t, o1 = std::min(C, o0 + kR);
-        nanoseek::gemv_range(w.o, H * Dv, ov.data(), H * Dv, B, yo.data(), C, o0, o1);
+        nanoseek::gemv_range(w.o, H * Dv, ov.data(), H * Dv, B, yo.data(), C, o0, o1, rows);
         for (int64_t b = 0; b < B; ++b)
           for (int64_t c = o0; c < o1; ++c) x[b * C + c] += yo[b * C + c];
       }
@@ -301,7 +304,7 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
       int64_t P = 0, A = 0;
       if (E) {
         for (int64_t b = 0; b < B; ++b) {
-          nanoseek::gemv_range(w.router, C, xn.data() + b * C, C, 1, rl.data(), E, 0, E);
+          nanoseek::gemv_range(w.router, C, xn.data() + b * C, C, 1, rl.data(), E, 0, E, rows);
           float mx = rl[0], sum = 0.f;
           for (int64_t e = 1; e < E; ++e) mx = std::max(mx, rl[e]);
           for (int64_t e = 0; e < E; ++e) sum += (rl[e] = std::exp(rl[e] - mx));
@@ -339,14 +342,15 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
         for (int64_t a = A ? lo / (2 * I) : 0; a < A && a * 2 * I < hi; ++a) {
           const int64_t e = rt.active[a], n = rt.count[a];
           const int64_t o0 = std::max(lo - a * 2 * I, int64_t(0)), o1 = std::min(hi - a * 2 * I, 2 * I);
-          nanoseek::gemv_rows(w.exp_gu + e * 2 * I * C, C, xs.data() + rt.start[a] * C, C, n, h_exp.data() + rt.start[a] * 2 * I + o0,
-                    2 * I, o0, o1);
+          nanoseek::gemv_rows(w.exp_gu + e * 2 * I * C, C, xs.data() + rt.start[a] * C, C, n,
+                              h_exp.data() + rt.start[a] * 2 * I + o0, 2 * I, o0, o1, rows);
         }
         const int64_t mlo = 2 * Im * th / nt, mhi = 2 * Im * (th + 1) / nt;
         if (mlo < std::min(mhi, Im))
-          nanoseek::gemv_rows(w.gate, C, xn.data(), C, B, h_mlp.data() + mlo, 2 * Im, mlo, std::min(mhi, Im));
+          nanoseek::gemv_rows(w.gate, C, xn.data(), C, B, h_mlp.data() + mlo, 2 * Im, mlo, std::min(mhi, Im), rows);
         if (std::max(mlo, Im) < mhi)
-          nanoseek::gemv_rows(w.up, C, xn.data(), C, B, h_mlp.data() + std::max(mlo, Im), 2 * Im, std::max(mlo, Im) - Im, mhi - Im);
+          nanoseek::gemv_rows(w.up, C, xn.data(), C, B, h_mlp.data() + std::max(mlo, Im), 2 * Im,
+                              std::max(mlo, Im) - Im, mhi - Im, rows);
       }
       for (int64_t p = 0; p < P; ++p) nanoseek::swiglu_row(h_exp.data() + p * 2 * I, I, act_e.data() + p * I);
       for (int64_t b = 0; b < B && Im; ++b) nanoseek::swiglu_row(h_mlp.data() + b * 2 * Im, Im, act_m.data() + b * Im);
@@ -360,13 +364,13 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
         float* y = down_out.data();  // [rows, n0]
         if (n0 == 0) continue;
         if (Im) {
-          nanoseek::gemv_rows(w.down, Im, act_m.data(), Im, B, y, n0, o0, o1);
+          nanoseek::gemv_rows(w.down, Im, act_m.data(), Im, B, y, n0, o0, o1, rows);
           for (int64_t b = 0; b < B; ++b)
             for (int64_t c = o0; c < o1; ++c) x[b * C + c] += y[b * n0 + c - o0];
         }
         for (int64_t a = 0; a < A; ++a) {
           const int64_t e = rt.active[a], n = rt.count[a], p0 = rt.start[a];
-          nanoseek::gemv_rows(w.exp_down + e * C * I, I, act_e.data() + p0 * I, I, n, y, n0, o0, o1);
+          nanoseek::gemv_rows(w.exp_down + e * C * I, I, act_e.data() + p0 * I, I, n, y, n0, o0, o1, rows);
           for (int64_t r = 0; r < n; ++r) {
             const float wt = rt.pw[p0 + r];
             float* xr = x.data() + rt.row[p0 + r] * C;
@@ -379,7 +383,7 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
     for (int64_t b = 0; b < B; ++b) nanoseek::rmsnorm(x.data() + b * C, FN, C, eps, xn.data() + b * C);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < blocks_of(Vout); ++t)
-      nanoseek::gemv_range(LM, C, xn.data(), C, B, OUT, Vout, kR * t, std::min(Vout, kR * t + kR));
+      nanoseek::gemv_range(LM, C, xn.data(), C, B, OUT, Vout, kR * t, std::min(Vout, kR * t + kR), rows);
     _mm_setcsr(own_csr);
   }
   return logits;

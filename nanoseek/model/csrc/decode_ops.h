@@ -56,8 +56,8 @@ inline void swiglu_row(const float* h, int64_t I, float* out) {
 
 // rows n < N of X (stride xs) times weight rows [o0, o1) of W ([*, I], rows contiguous) -> Y[n * ys + o - o0]
 inline void gemv_rows(const float* W, int64_t I, const float* X, int64_t xs, int64_t N, float* Y, int64_t ys,
-                      int64_t o0, int64_t o1) {
-  gemv_range(W + o0 * I, I, X, xs, N, Y, ys, 0, o1 - o0);
+                      int64_t o0, int64_t o1, Rows rows) {
+  gemv_range(W + o0 * I, I, X, xs, N, Y, ys, 0, o1 - o0, rows);
 }
 
 // the routing of one MoE layer as one thread sees it: each row's K experts and weights, then the

@@ -103,10 +103,42 @@ inline void block_3x4(const float* w, int64_t I, const float* x, int64_t xs, flo
     for (int c = 0; c < 3; ++c) y[r * ys + c] = hsum(a[3 * r + c]) + dot_tail(wr[c], xr[r], I8, I);
 }
 
+// y[n * ys] = x[n * xs] . w for n < N (1..3): one weight row read front to back, U 8-float chunks
+// per step (U accumulators per activation row, so that the FMAs' latency hides behind the loads).
+template <int N, int U>
+inline void row_dots(const float* w, const float* x, int64_t xs, int64_t I, float* y, int64_t ys) {
+  __m256 a[N][U];
+  for (int n = 0; n < N; ++n)
+    for (int u = 0; u < U; ++u) a[n][u] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 * U <= I; i += 8 * U)
+    for (int u = 0; u < U; ++u) {
+      const __m256 v = _mm256_loadu_ps(w + i + 8 * u);
+      for (int n = 0; n < N; ++n) a[n][u] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + n * xs + i + 8 * u), a[n][u]);
+    }
+  for (; i + 8 <= I; i += 8) {
+    const __m256 v = _mm256_loadu_ps(w + i);
+    for (int n = 0; n < N; ++n) a[n][0] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + n * xs + i), a[n][0]);
+  }
+  for (int n = 0; n < N; ++n) {
+    __m256 s = a[n][0];
+    for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, a[n][u]);
+    y[n * ys] = hsum(s) + dot_tail(w, x + n * xs, i, I);
+  }
+}
+
+// How gemv_range runs the activation rows left over from fours (all of them below 4 rows):
+// kBlocks: 4 weight rows side by side (4x2 and 4x1 register blocks); kStream: one weight row at a
+// time, front to back, against up to 3 activation rows. With short rows (128-512 floats) the
+// blocks make 4 short streams per thread, and the fused decode step ran ~17 % faster at batch 1 with
+// one long stream on a Zen 3 host (bench/RESULTS.md, "Eighth session"); hosts differ, so the
+// engine measures both (fused_decode.choose_decode_step).
+enum class Rows { kBlocks, kStream };
+
 // y[n * ys + o] = x[n * xs] . w[o] for o in [o0, o1), n < N. Rows in fours take 3x4 blocks (weight
-// rows three at a time); the rest of the rows (or all of them, when fewer than 4) take 4x2 / 4x1.
+// rows three at a time); the rest of the rows (or all of them, when fewer than 4) as `rows` says.
 inline void gemv_range(const float* W, int64_t I, const float* X, int64_t xs, int64_t N, float* Y, int64_t ys,
-                       int64_t o0, int64_t o1) {
+                       int64_t o0, int64_t o1, Rows rows = Rows::kBlocks) {
   const int64_t n4 = N & ~int64_t(3);
   if (n4 > 0) {
     int64_t o = o0;
@@ -116,6 +148,16 @@ inline void gemv_range(const float* W, int64_t I, const float* X, int64_t xs, in
       for (int64_t n = 0; n < n4; ++n) Y[n * ys + o] = dot(W + o * I, X + n * xs, I);
   }
   if (n4 == N) return;
+  if (rows == Rows::kStream) {
+    const float* x = X + n4 * xs;
+    float* y = Y + n4 * ys;
+    switch (N - n4) {
+      case 1: for (int64_t o = o0; o < o1; ++o) row_dots<1, 4>(W + o * I, x, xs, I, y + o, ys); break;
+      case 2: for (int64_t o = o0; o < o1; ++o) row_dots<2, 2>(W + o * I, x, xs, I, y + o, ys); break;
+      default: for (int64_t o = o0; o < o1; ++o) row_dots<3, 2>(W + o * I, x, xs, I, y + o, ys); break;
+    }
+    return;
+  }
   int64_t o = o0;
   for (; o + 3 < o1; o += 4) {
     int64_t n = n4;
