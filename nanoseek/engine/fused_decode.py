@@ -171,21 +171,41 @@ class FusedDecode:
             w.data = view
         self._pending, self.copied_bytes = [], 0
 
-    def __call__(self, token_ids: list[int], rows: list[tuple[list[int], int]], sample_rows: list[int]):
-        """Logits [len(sample_rows), V] of one decode step: token_ids[i] is row i's new token at
-        position rows[i][1] of the sequence whose blocks are rows[i][0]."""
-        meta = self.cache.metadata(self.backend, rows, num_new=1, absorb=True)
+    def __call__(self, token_ids: list[int], rows: list[tuple[list[int], int]],
+                 sample_rows: list[int]) -> tuple[torch.Tensor, list[int] | None]:
+        """(logits [len(sample_rows), V], their argmax or None) of one decode step: token_ids[i] is row
+        i's new token at position rows[i][1] of the sequence whose blocks are rows[i][0]."""
         if not fast.enabled() and self.backend is not None:  # the reference: the model's own step
+            meta = self.cache.metadata(self.backend, rows, num_new=1, absorb=True)
             hidden = self.model(torch.tensor(token_ids, device=self.cache.device)[:, None], attn_metadata=meta)
-            logits = self.model.compute_logits(hidden[:, 0])  # [B, V]
-        else:
-            logits = self.run(torch.tensor(token_ids), meta.seq_lens, meta.slot_mapping, meta.block_tables)
-        return sampled_rows(logits, sample_rows)
+            return sampled_rows(self.model.compute_logits(hidden[:, 0]), sample_rows), None  # [n, V]
+        logits, top = self.op(*self.inputs(token_ids, rows))
+        return sampled_rows(logits, sample_rows), [top[i] for i in sample_rows]
 
-    def run(self, ids, seq_lens, slot_mapping, block_tables) -> torch.Tensor:
-        """The op itself: ids [B], seq_lens [B], slot_mapping [B], block_tables [B, nb] -> logits [B, V]."""
+    def inputs(self, token_ids: list[int], rows: list[tuple[list[int], int]]) -> tuple[list[int], ...]:
+        """The op's ids, seq_lens and slot_mapping [B], and block_tables [B * nb] flat: what
+        PagedKVCache.metadata gives a decode step, as host lists. A decode step's Python runs right
+        after the op has streamed the weights through the caches (and a shared host's neighbours
+        have had the core), where each tensor made and sliced cost ~50 us."""
+        bs = self.cache.block_size
+        nb = max(start // bs for _, start in rows) + 1  # blocks of the longest row, its new token included
+        tables: list[int] = []
+        for t, _ in rows:
+            tables += t[:nb]
+            tables += [0] * (nb - len(t[:nb]))  # past a row's own blocks: never read (seq_lens)
+        return (token_ids, [start + 1 for _, start in rows], [t[start // bs] * bs + start % bs for t, start in rows],
+                tables)
+
+    def op(self, ids: list[int], seq_lens: list[int], slot_mapping: list[int],
+           block_tables: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """The op itself: (logits [B, V], each row's argmax as torch.argmax gives it)."""
         return torch.ops.nanoseek.mla_decode_step(ids, seq_lens, slot_mapping, block_tables, self.cache.pools,
                                                   self.weights, self.inv_freq, self.dims, self.params)
+
+    def run(self, ids, seq_lens, slot_mapping, block_tables) -> torch.Tensor:
+        """The op on a step's metadata tensors: ids [B], seq_lens [B], slot_mapping [B], block_tables
+        [B, nb] -> logits [B, V] (timing, benches, tests)."""
+        return self.op(ids.tolist(), seq_lens.tolist(), slot_mapping.tolist(), block_tables.flatten().tolist())[0]
 
 
 def time_step(name: str, fn, repeats: int = 4) -> float:

@@ -78,9 +78,9 @@ class ModelRunner:
                 if threads != torch.get_num_threads():
                     torch.set_num_threads(threads)
                 t = time.perf_counter()
-                logits, seqs = self._forward(items)
+                logits, seqs, top = self._forward(items)
                 if seqs:
-                    results.update(self._sample(logits, seqs, params_of, generator_of, grammar_of))
+                    results.update(self._sample(logits, seqs, params_of, generator_of, grammar_of, top))
                 if key is not None:
                     self.threads.record(key, threads, time.perf_counter() - t)
         finally:
@@ -88,7 +88,9 @@ class ModelRunner:
                 torch.set_num_threads(default)
         return results
 
-    def _forward(self, items) -> tuple[torch.Tensor | None, list]:
+    def _forward(self, items) -> tuple[torch.Tensor | None, list, list[int] | None]:
+        """(logits [n, V] of the n rows that sample, their sequences, their argmax where the step
+        gave it (the fused decode step) or None)."""
         packed = len(items) == 1  # one sequence, any number of new tokens; else one token per row
         T = items[0].num_new_tokens if packed else 1
         rows = [i for i, s in enumerate(items) if s.needs_sample and not s.seq.is_finished]
@@ -97,24 +99,30 @@ class ModelRunner:
         absorb = cfg.is_mla and prefer_absorbed(cfg, T)
         tables = [(s.seq.block_table, s.start) for s in items]
         if self.decode_step is not None and T == 1 and absorb:  # a decode step, B = 1 included
-            logits = self.decode_step(ids, tables, rows or [0])  # [n, V]
-            return logits, [items[i].seq for i in rows]
+            logits, top = self.decode_step(ids, tables, rows or [0])  # [n, V]
+            return logits, [items[i].seq for i in rows], top
         meta = self.cache.metadata(self.backend, tables, num_new=T, absorb=absorb)
         input_ids = torch.tensor(ids, device=self.device).view(len(items), T)  # [B, T]
         ends = [T - 1] if packed else rows or [0]
         hidden = self.model(input_ids, attn_metadata=meta)  # [B, T, C]
         if T == 1 and len(rows) == len(items):  # every row samples (a plain decode step)
-            return self.model.compute_logits(hidden[:, 0]), [s.seq for s in items]  # [B, V]
+            return self.model.compute_logits(hidden[:, 0]), [s.seq for s in items], None  # [B, V]
         logits = self.model.compute_logits(hidden, torch.tensor(ends, device=self.device))  # [n, V]
-        return logits, [items[i].seq for i in rows]
+        return logits, [items[i].seq for i in rows], None
 
     def allowed_tokens(self, seqs, grammar_of, vocab_size: int) -> torch.Tensor | None:
         """[n, V] bool of the tokens each sampling row may take (structured output); None: all."""
         bitmask = fill_bitmask([grammar_of(s.seq_id) for s in seqs], vocab_size)  # [n, W] on the host
         return None if bitmask is None else unpack_bitmask(bitmask, vocab_size).to(self.device)
 
-    def _sample(self, logits, seqs, params_of, generator_of, grammar_of) -> dict[Hashable, SampleResult]:
+    def _sample(self, logits, seqs, params_of, generator_of, grammar_of,
+                top: list[int] | None = None) -> dict[Hashable, SampleResult]:
+        """top: each row's argmax, where the step gave it."""
         params = [params_of(s.seq_id) for s in seqs]
+        if all(p.is_plain_greedy and s.num_output_tokens >= p.min_tokens for p, s in zip(params, seqs)):
+            # the usual greedy step: the argmax is all sample() would do (nothing masked, nothing asked)
+            top = logits.argmax(dim=-1).tolist() if top is None else top
+            return {s.seq_id: SampleResult(t) for s, t in zip(seqs, top)}
         res = sample(logits, params, [s.prompt_token_ids for s in seqs],
                      [s.output_token_ids for s in seqs], [generator_of(s.seq_id) for s in seqs],
                      eos_token_ids=self.eos_token_ids,

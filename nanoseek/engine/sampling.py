@@ -112,6 +112,13 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
 
+    @property
+    def is_plain_greedy(self) -> bool:
+        """Greedy with nothing to apply before the choice (penalties, a grammar) and nothing to return
+        but the token (no logprobs): the argmax of the raw logits, once min_tokens is met."""
+        return (self.temperature < GREEDY_BELOW and self.logprobs is None and self.structured_outputs is None
+                and not self.presence_penalty and not self.frequency_penalty and self.repetition_penalty == 1.0)
+
 
 @dataclass
 class SamplerOutput:

@@ -12,8 +12,10 @@ changes with the load. So every count is tried on live steps, the median of the 
 decides, and the others are re-tried every `probe_every` steps of that batch size. A count whose
 recent steps all took over `slower` times the best one's median is not tried again until the next
 probe: at first and at each probe it costs one step, not min_samples (idle 2 cores, fused step:
-11.3 ms with 1 thread against 6.9 with 2; each wasted step was ~1 % of a 64-token run). Prefill keeps
-the process's thread count (large matmuls use both cores well).
+11.3 ms with 1 thread against 6.9 with 2; each wasted step was ~1 % of a 64-token run). Between
+probes the best count is recomputed every `window` steps, not on every pick: a pick runs right
+after a step has left the caches cold, where two medians cost ~30 us. Prefill keeps the process's
+thread count (large matmuls use both cores well).
 """
 
 from __future__ import annotations
@@ -31,18 +33,22 @@ class DecodeThreads:
         self.window, self.min_samples, self.probe_every, self.slower = window, min_samples, probe_every, slower
         self._times: dict[object, dict[int, deque]] = {}
         self._steps: dict[object, int] = {}
+        self._best: dict[object, int] = {}  # between probes: the best count, as last computed
 
     def pick(self, key) -> int:
         """The thread count for the next decode step of this key (e.g. the batch bucket)."""
-        times = self._times.setdefault(key, {c: deque(maxlen=self.window) for c in self.candidates})
         n = self._steps[key] = self._steps.get(key, 0) + 1
+        phase = n % self.probe_every
+        probing = phase < self.min_samples * (len(self.candidates) - 1)
+        if not probing and n % self.window and key in self._best:
+            return self._best[key]
+        times = self._times.setdefault(key, {c: deque(maxlen=self.window) for c in self.candidates})
         for c in self.candidates:  # first every count gets its samples, unless its first step was far slower
             if len(times[c]) < self.min_samples and not self._far_slower(times, c):
                 return c
-        best = self.best(key)
+        best = self._best[key] = self.best(key)
         others = [c for c in self.candidates if c != best]
-        phase = n % self.probe_every
-        if others and phase < self.min_samples * len(others):  # now and then, re-try the others
+        if others and probing:  # now and then, re-try the others
             c = others[phase // self.min_samples]
             if phase % self.min_samples == 0 or not self._far_slower(times, c):  # its probe's first step
                 return c

@@ -43,8 +43,8 @@ def generate(model, prompts, decode_kernel, n=1, seed=None, **kw):
     assert isinstance(engine.decode_step, fd.FusedDecode) == (decode_kernel == "fused")
     calls = []
     if engine.decode_step is not None:  # count the op's calls: the comparison must not be the model twice
-        run_op = engine.decode_step.run
-        engine.decode_step.run = lambda *a: calls.append(1) or run_op(*a)
+        op = engine.decode_step.op
+        engine.decode_step.op = lambda *a: calls.append(1) or op(*a)
     params = SamplingParams(temperature=0 if seed is None else 1.0, max_tokens=8, logprobs=2, ignore_eos=True, n=n,
                             seed=seed)
     reqs = [engine.add_request(f"r{i}", {"prompt_token_ids": p}, params) for i, p in enumerate(prompts)]
@@ -133,10 +133,11 @@ def test_op_logits_and_latents_equal_the_model_forward(shape, threads, row_kerne
             pool.view(-1, pool.shape[-1])[[tables[b][p // bs] * bs + p % bs for p in range(T)]] = \
                 dense.buffers[layer][b, :T]
     try:
-        got = step(ids[:, T].tolist(), [(tables[b], T) for b in range(B)], list(range(B)))
+        got, top = step(ids[:, T].tolist(), [(tables[b], T) for b in range(B)], list(range(B)))
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert top == got.argmax(dim=-1).tolist()  # the op's argmax is torch's
     for layer, pool in enumerate(cache.pools):
         for b in range(B):
             slot = tables[b][T // bs] * bs + T % bs
@@ -257,5 +258,23 @@ def test_non_finite_activations_give_non_finite_logits_not_a_crash():
     step = fd.FusedDecode(model, cache)
     with torch.no_grad():
         model.model.embed_tokens.weight[7] = float("nan")  # the packed buffer: the op reads the same memory
-    logits = step([7, 8], [([0], 0), ([1], 0)], [0, 1])
+    logits, top = step([7, 8], [([0], 0), ([1], 0)], [0, 1])
     assert torch.isnan(logits[0]).all() and torch.isfinite(logits[1]).all()
+    assert top == logits.argmax(dim=-1).tolist() == [0, top[1]]  # as torch: a NaN row's first NaN
+
+
+def test_the_ops_argmax_is_torchs_on_ties():
+    """A greedy row takes the op's argmax instead of torch's, so they must agree where values tie:
+    the first maximum."""
+    model = model_of()
+    step = fd.FusedDecode(model, PagedKVCache(model.config, num_blocks=8, block_size=4))
+    rows = [([0], 0), ([1], 0), ([2], 0)]
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: the first token
+    logits, top = step([7, 8, 9], rows, [2, 0])
+    assert logits.shape[0] == 2 and (logits == 0).all() and top == [0, 0]
+    with torch.no_grad():
+        model.lm_head.weight[[3, 4]] = torch.randn(model.config.hidden_size)  # tokens 3 and 4 tie, the rest 0
+    logits, top = step([7, 8, 9], rows, [0, 1, 2])
+    assert torch.equal(logits[:, 3], logits[:, 4])
+    assert top == logits.argmax(dim=-1).tolist() == [3 if x > 0 else 0 for x in logits[:, 3].tolist()]

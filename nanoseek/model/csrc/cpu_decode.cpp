@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "decode_ops.h"
@@ -73,17 +74,21 @@ void check_weight(const at::Tensor& t, int64_t layer, const char* name, std::ini
 
 }  // namespace
 
-// ids [B] (long): each row's new token. seq_lens [B]: keys of each row after this step; the new token
-// sits at position seq_lens - 1, stored at slot_mapping [B] (distinct slots, as the engine's metadata
-// gives them: rows sharing a slot would race). block_tables [B, nb]. pools: one [blocks, block_size,
-// L + R] per layer (written: the new latents). weights: kSlots per layer, then embed_tokens [V, C],
-// norm [C], lm_head [V, C]. inv_freq [R/2] fp32. dims: H, Dn, R, Dv, L, K, norm_topk_prob, interleaved
-// rope, routed_scaling_factor also on normalised weights (V3), the few-rows kernel (1: Rows::kStream,
-// 0: kBlocks; gemv_blocks.h). params: rms eps, softmax scale,
-// routed_scaling_factor, rope's attention factor. Returns the logits [B, V].
-at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, const at::Tensor& slot_mapping,
-                           const at::Tensor& block_tables, at::TensorList pools, at::TensorList weights,
-                           const at::Tensor& inv_freq, at::IntArrayRef dims, at::ArrayRef<double> params) {
+// ids [B]: each row's new token. seq_lens [B]: keys of each row after this step; the new token sits
+// at position seq_lens - 1, stored at slot_mapping [B] (distinct slots, as the engine's metadata gives
+// them: rows sharing a slot would race). block_tables [B * nb]: each row's nb block ids. These come
+// as lists, not tensors: the engine builds them on the host each step, where each tensor made and
+// sliced cost ~50 us (after a step the interpreter's and torch's own code runs with cold caches).
+// pools: one [blocks, block_size, L + R] per layer (written: the new latents). weights: kSlots per
+// layer, then embed_tokens [V, C], norm [C], lm_head [V, C]. inv_freq [R/2] fp32. dims: H, Dn, R, Dv,
+// L, K, norm_topk_prob, interleaved rope, routed_scaling_factor also on normalised weights (V3), the
+// few-rows kernel (1: Rows::kStream, 0: kBlocks; gemv_blocks.h). params: rms eps, softmax scale,
+// routed_scaling_factor, rope's attention factor. Returns the logits [B, V] and each row's argmax (as
+// torch.argmax: the first maximum, or the first NaN), which is all a greedy row needs.
+std::tuple<at::Tensor, std::vector<int64_t>> mla_decode_step(
+    at::IntArrayRef ids, at::IntArrayRef seq_lens, at::IntArrayRef slot_mapping, at::IntArrayRef block_tables,
+    at::TensorList pools, at::TensorList weights, const at::Tensor& inv_freq, at::IntArrayRef dims,
+    at::ArrayRef<double> params) {
   TORCH_CHECK(dims.size() == 10 && params.size() == 4, "nanoseek::mla_decode_step: dims [10] and params [4]");
   const int64_t H = dims[0], Dn = dims[1], R = dims[2], Dv = dims[3], L = dims[4], K = dims[5];
   const bool normalise = dims[6] != 0 && K > 1, interleaved = dims[7] != 0, scale_normalised = dims[8] != 0;
@@ -105,11 +110,13 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
   check_weight(lm_head, -1, "lm_head", {lm_head.size(0), C});
   const int64_t Vout = lm_head.size(0);
   check_weight(inv_freq, -1, "inv_freq", {R / 2});
-  TORCH_CHECK(ids.dim() == 1 && seq_lens.sizes() == ids.sizes() && slot_mapping.sizes() == ids.sizes() &&
-              block_tables.dim() == 2 && block_tables.size(0) == ids.size(0),
-              "nanoseek::mla_decode_step: ids, seq_lens, slot_mapping [B] and block_tables [B, nb]");
-  const int64_t B = ids.size(0), nb = block_tables.size(1);
+  const int64_t B = static_cast<int64_t>(ids.size());
   TORCH_CHECK(B >= 1, "nanoseek::mla_decode_step: no rows");
+  TORCH_CHECK(static_cast<int64_t>(seq_lens.size()) == B && static_cast<int64_t>(slot_mapping.size()) == B &&
+                  block_tables.size() % B == 0 && !block_tables.empty(),
+              "nanoseek::mla_decode_step: ids, seq_lens, slot_mapping [B] and block_tables [B * nb], got ", B, ", ",
+              seq_lens.size(), ", ", slot_mapping.size(), " and ", block_tables.size());
+  const int64_t nb = static_cast<int64_t>(block_tables.size()) / B;
 
   // ---- the layers' weights, checked against the dims
   std::vector<Layer> layers(n_layers);
@@ -170,10 +177,7 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
                 "nanoseek::mla_decode_step: every layer must have q_proj, or q_a_proj of one rank");
 
   // ---- the rows: tokens, slots, block tables (checked), rope angles
-  auto idc = ids.to(at::kLong).contiguous(), lens = seq_lens.to(at::kLong).contiguous();
-  auto slots = slot_mapping.to(at::kLong).contiguous(), bt = block_tables.to(at::kLong).contiguous();
-  const int64_t *id = idc.data_ptr<int64_t>(), *Ls = lens.data_ptr<int64_t>(), *sl = slots.data_ptr<int64_t>();
-  const int64_t* T = bt.data_ptr<int64_t>();
+  const int64_t *id = ids.data(), *Ls = seq_lens.data(), *sl = slot_mapping.data(), *T = block_tables.data();
   int64_t longest = 0;
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(id[b] >= 0 && id[b] < V, "nanoseek::mla_decode_step: token id ", id[b], " outside [0, ", V, ")");
@@ -386,18 +390,14 @@ at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& seq_lens, co
       nanoseek::gemv_range(LM, C, xn.data(), C, B, OUT, Vout, kR * t, std::min(Vout, kR * t + kR), rows);
     _mm_setcsr(own_csr);
   }
-  return logits;
+  std::vector<int64_t> top(B);
+  for (int64_t b = 0; b < B; ++b) top[b] = nanoseek::argmax(OUT + b * Vout, Vout);
+  return {logits, top};
 }
 
-at::Tensor mla_decode_step_meta(const at::Tensor& ids, const at::Tensor& seq_lens, const at::Tensor& slot_mapping,
-                                const at::Tensor& block_tables, at::TensorList pools, at::TensorList weights,
-                                const at::Tensor& inv_freq, at::IntArrayRef dims, at::ArrayRef<double> params) {
-  return at::empty({ids.size(0), weights[weights.size() - 1].size(0)}, weights[weights.size() - 1].options());
-}
-
+// no Meta kernel: the argmax is data, which shapes alone cannot give (nothing traces this op)
 TORCH_LIBRARY_FRAGMENT(nanoseek, m) {
-  m.def("mla_decode_step(Tensor ids, Tensor seq_lens, Tensor slot_mapping, Tensor block_tables, Tensor(a!)[] pools, "
-        "Tensor[] weights, Tensor inv_freq, int[] dims, float[] params) -> Tensor");
+  m.def("mla_decode_step(int[] ids, int[] seq_lens, int[] slot_mapping, int[] block_tables, Tensor(a!)[] pools, "
+        "Tensor[] weights, Tensor inv_freq, int[] dims, float[] params) -> (Tensor, int[])");
 }
 TORCH_LIBRARY_IMPL(nanoseek, CPU, m) { m.impl("mla_decode_step", &mla_decode_step); }
-TORCH_LIBRARY_IMPL(nanoseek, Meta, m) { m.impl("mla_decode_step", &mla_decode_step_meta); }

@@ -54,6 +54,16 @@ inline void swiglu_row(const float* h, int64_t I, float* out) {
   for (; i < I; ++i) out[i] = silu_mul(h[i], h[I + i]);
 }
 
+// the index of x's largest value, as torch.argmax gives it: the first maximum, or the first NaN
+inline int64_t argmax(const float* x, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(x[i])) return i;
+    if (x[i] > x[best]) best = i;
+  }
+  return best;
+}
+
 // rows n < N of X (stride xs) times weight rows [o0, o1) of W ([*, I], rows contiguous) -> Y[n * ys + o - o0]
 inline void gemv_rows(const float* W, int64_t I, const float* X, int64_t xs, int64_t N, float* Y, int64_t ys,
                       int64_t o0, int64_t o1, Rows rows) {
