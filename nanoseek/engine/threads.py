@@ -42,7 +42,9 @@ class DecodeThreads:
         probing = phase < self.min_samples * (len(self.candidates) - 1)
         if not probing and n % self.window and key in self._best:
             return self._best[key]
-        times = self._times.setdefault(key, {c: deque(maxlen=self.window) for c in self.candidates})
+        times = self._times.get(key)
+        if times is None:
+            times = self._times[key] = {c: deque(maxlen=self.window) for c in self.candidates}
         for c in self.candidates:  # first every count gets its samples, unless its first step was far slower
             if len(times[c]) < self.min_samples and not self._far_slower(times, c):
                 return c
@@ -62,8 +64,12 @@ class DecodeThreads:
                    for d in self.candidates)
 
     def record(self, key, threads: int, seconds: float) -> None:
-        self._times.setdefault(key, {c: deque(maxlen=self.window) for c in self.candidates})
-        self._times[key].setdefault(threads, deque(maxlen=self.window)).append(seconds)
+        times = self._times.get(key)
+        if times is None:
+            times = self._times[key] = {c: deque(maxlen=self.window) for c in self.candidates}
+        if threads not in times:
+            times[threads] = deque(maxlen=self.window)
+        times[threads].append(seconds)
 
     def best(self, key) -> int:
         times = self._times.get(key, {})
