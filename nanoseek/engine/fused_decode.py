@@ -2,7 +2,7 @@
 
     why = unsupported(model, cache)                  # None where it applies
     step = FusedDecode(model, cache)
-    logits = step(token_ids, [(block_table, start), ...], rows)   # [len(rows), V], like CompiledDecode
+    logits, top = step(token_ids, [(block_table, start), ...], rows)   # [len(rows), V] and their argmax
 
 nanoseek::mla_decode_step (nanoseek/model/csrc/cpu_decode.cpp) runs embedding, every layer (absorbed
 MLA over the paged latent pool, DeepSeekMoE with its shared experts, or a dense MLP) and the lm_head
@@ -13,8 +13,9 @@ the disk cache work unchanged around it. Any batch size, no buckets, no compile.
 
 It covers what it was written for (fp32 weights and cache on a CPU with nanoseek's kernels, MLA,
 softmax scores with greedy top-K as in DeepSeek-V2 and V2-Lite, no biases); `unsupported` says why
-anything else takes the model's own step. LLMEngine times it against that step on the engine's
-shapes at start and keeps the faster (choose_decode_step), as for every other kernel.
+anything else takes the model's own step. LLMEngine times it, with each of its row kernels
+(ROW_KERNELS), against that step on the engine's shapes at start and keeps the fastest
+(choose_decode_step), as for every other kernel.
 """
 
 from __future__ import annotations
