@@ -187,7 +187,8 @@ def kernels_report(cfg: ModelConfig, max_rows: int, remeasure: bool = False) -> 
              + ", ".join(f"{k} {v:.0f} us" for k, v in c["us"].items()) + ")"
              for (n, backend), c in sorted(cached_decode_choices(cfg).items())]  # timed by engines, on real weights
     return report + "\n" + ("\n".join(lines) if lines else
-                            "decode step: not timed on this host yet (an engine times fused vs model at start)")
+                            "decode step: not timed on this host yet (an engine times the fused step, with "
+                            "each row kernel, against the model's at start)")
 
 
 def run(args) -> int:

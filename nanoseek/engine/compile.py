@@ -2,7 +2,7 @@
 CUDA) over persistent buffers, one per (batch bucket, context bucket).
 
     step = CompiledDecode(model, cache, backend, max_num_seqs=16)
-    logits = step(token_ids, [(block_table, start), ...], rows)   # [len(rows), V]
+    logits, _ = step(token_ids, [(block_table, start), ...], rows)   # [len(rows), V], None
 
 A decode batch of B rows is padded to the next batch bucket (1, 2, 4, 8, 16, ... up to max_num_seqs)
 and its longest row to the next context bucket (a power of two number of blocks); the step's inputs

@@ -197,11 +197,13 @@ class FusedDecode:
         return (token_ids, [start + 1 for _, start in rows], [t[start // bs] * bs + start % bs for t, start in rows],
                 tables)
 
-    def op(self, ids: list[int], seq_lens: list[int], slot_mapping: list[int],
-           block_tables: list[int]) -> tuple[torch.Tensor, list[int]]:
-        """The op itself: (logits [B, V], each row's argmax as torch.argmax gives it)."""
-        return torch.ops.nanoseek.mla_decode_step(ids, seq_lens, slot_mapping, block_tables, self.cache.pools,
-                                                  self.weights, self.inv_freq, self.dims, self.params)
+    def op(self, ids: list[int], seq_lens: list[int], slot_mapping: list[int], block_tables: list[int],
+           pools: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[int]]:
+        """The op itself: (logits [B, V], each row's argmax as torch.argmax gives it). pools: the
+        latent pools it reads and writes (the cache's, unless given)."""
+        return torch.ops.nanoseek.mla_decode_step(ids, seq_lens, slot_mapping, block_tables,
+                                                  self.cache.pools if pools is None else pools, self.weights,
+                                                  self.inv_freq, self.dims, self.params)
 
     def run(self, ids, seq_lens, slot_mapping, block_tables) -> torch.Tensor:
         """The op on a step's metadata tensors: ids [B], seq_lens [B], slot_mapping [B], block_tables
@@ -228,8 +230,9 @@ def decode_key_prefix(cfg) -> str:
 
 
 def cached_decode_choices(cfg) -> dict[tuple[int, str], dict]:
-    """{(max_num_seqs, attention backend): {"kernel": "fused" | "model", "us": {...}}} measured on this
-    host for this shape."""
+    """{(max_num_seqs, attention backend): {"kernel": "fused" | "model", "rows": a ROW_KERNELS name,
+    "us": {candidate ("model", "fused:stream", "fused:blocks"): us per step}}} measured on this host
+    for this shape."""
     prefix, out = decode_key_prefix(cfg), {}
     for k, v in load_host_cache().items():
         if k.startswith(prefix):
@@ -246,8 +249,9 @@ def choose_decode_step(model: CausalLM, cache: PagedKVCache, backend, name: str 
     ("fused:stream", "fused:blocks"). "auto" keeps its choice per host and model shape with the
     kernel choices (linear.save_host_cache), so an engine on the same host and model does not time it
     again; "fused" takes the row kernel cached there, or "stream".
-    The candidates decode padding rows (one key each, in the pool's padding block, which no sequence
-    holds) of distinct tokens: the weights, not the context, are what a decode step reads most."""
+    The candidates decode rows of distinct tokens over a few keys: the weights, not the context, are
+    what a decode step reads most. The model's step writes them to the pool's padding block, which no
+    sequence holds; the fused step, whose rows must not share a slot, to a small pool of its own."""
     if name not in ("auto", "fused", "model"):
         raise ValueError(f"unknown decode step {name!r}; choose from ['auto', 'fused', 'model']")
     if name == "model":
@@ -279,13 +283,18 @@ def choose_decode_step(model: CausalLM, cache: PagedKVCache, backend, name: str 
                 meta = cache.metadata(backend, rows, num_new=1, absorb=True)
                 ids = (torch.arange(B, device=cache.device) * 7919 % model.config.vocab_size)[:, None]  # [B, 1]
 
+                own = PagedKVCache(model.config, num_blocks=-(-B // bs), block_size=bs, dtype=cache.dtype,
+                                   device=cache.device)
+                # row b: one key, its own, at slot b
+                lists = (ids[:, 0].tolist(), [1] * B, list(range(B)), [b // bs for b in range(B)])
+
                 def eager():
                     return model.compute_logits(model(ids, attn_metadata=meta)[:, 0])
 
                 def fused_with(row_kernel):
                     def one():
                         fused.row_kernel = row_kernel
-                        return fused.run(ids[:, 0], meta.seq_lens, meta.slot_mapping, meta.block_tables)
+                        return fused.op(*lists, pools=own.pools)
                     return one
 
                 fns = {"model": eager, **{f"fused:{r}": fused_with(r) for r in ROW_KERNELS}}

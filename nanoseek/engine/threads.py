@@ -13,8 +13,9 @@ decides, and the others are re-tried every `probe_every` steps of that batch siz
 recent steps all took over `slower` times the best one's median is not tried again until the next
 probe: at first and at each probe it costs one step, not min_samples (idle 2 cores, fused step:
 11.3 ms with 1 thread against 6.9 with 2; each wasted step was ~1 % of a 64-token run). Between
-probes the best count is recomputed every `window` steps, not on every pick: a pick runs right
-after a step has left the caches cold, where two medians cost ~30 us. Prefill keeps the process's
+probes the best count is recomputed after each probe and every `window` steps, not on every pick
+(a pick runs right after a step has left the caches cold, where two medians cost ~30 us); so a
+count found far slower in the first steps is looked at again after `window` steps at the earliest. Prefill keeps the process's
 thread count (large matmuls use both cores well).
 """
 
@@ -39,9 +40,10 @@ class DecodeThreads:
         """The thread count for the next decode step of this key (e.g. the batch bucket)."""
         n = self._steps[key] = self._steps.get(key, 0) + 1
         phase = n % self.probe_every
-        probing = phase < self.min_samples * (len(self.candidates) - 1)
-        if not probing and n % self.window and key in self._best:
-            return self._best[key]
+        probe_steps = self.min_samples * (len(self.candidates) - 1)
+        probing = phase < probe_steps
+        if not probing and phase != probe_steps and n % self.window and key in self._best:
+            return self._best[key]  # (recomputed right after a probe, and every `window` steps)
         times = self._times.get(key)
         if times is None:
             times = self._times[key] = {c: deque(maxlen=self.window) for c in self.candidates}

@@ -11,7 +11,7 @@ from nanoseek.engine import fused_decode as fd
 from nanoseek.engine.backends.reference import ReferenceBackend
 from nanoseek.engine.kv_cache import PagedKVCache
 from nanoseek.engine.llm import LLMEngine
-from nanoseek.engine.sampling import SamplingParams
+from nanoseek.engine.sampling import SamplingParams, sample
 from nanoseek.model import cpu_kernels, linear as lin
 from nanoseek.model.backend import DenseCache
 from nanoseek.model.transformer import build_model
@@ -37,7 +37,7 @@ def model_of(**kw):
     return build_model(tiny_v2(eos_token_id=None, **kw), seed=3).eval()
 
 
-def generate(model, prompts, decode_kernel, n=1, seed=None, **kw):
+def generate(model, prompts, decode_kernel, n=1, seed=None, params=None, **kw):
     kw = {**dict(block_size=4, num_blocks=64, max_num_seqs=4, attention_backend="cpu"), **kw}
     engine = LLMEngine(model, decode_kernel=decode_kernel, **kw)
     assert isinstance(engine.decode_step, fd.FusedDecode) == (decode_kernel == "fused")
@@ -45,8 +45,8 @@ def generate(model, prompts, decode_kernel, n=1, seed=None, **kw):
     if engine.decode_step is not None:  # count the op's calls: the comparison must not be the model twice
         op = engine.decode_step.op
         engine.decode_step.op = lambda *a: calls.append(1) or op(*a)
-    params = SamplingParams(temperature=0 if seed is None else 1.0, max_tokens=8, logprobs=2, ignore_eos=True, n=n,
-                            seed=seed)
+    params = params or SamplingParams(temperature=0 if seed is None else 1.0, max_tokens=8, logprobs=2,
+                                      ignore_eos=True, n=n, seed=seed)
     reqs = [engine.add_request(f"r{i}", {"prompt_token_ids": p}, params) for i, p in enumerate(prompts)]
     seqs = [c.seq for _, c in engine._children.values()]
     while engine.has_unfinished_requests():
@@ -88,6 +88,32 @@ def test_fused_through_chunked_prefill_preemption_and_parallel_sampling():
     assert generate.preemptions > 0, "the tight cache must preempt"
     # n = 3 samples per prompt fork its blocks; seeded sampling must draw the same tokens
     assert_same(generate(model, prompts[1:], "fused", n=3, seed=7), generate(model, prompts[1:], "model", n=3, seed=7))
+
+
+def test_plain_greedy_rows_take_the_ops_argmax(monkeypatch):
+    """Greedy rows with nothing to apply take the op's argmax, without sample(); rows still inside
+    min_tokens go through sample(), which masks their stop ids. Both give the model step's tokens."""
+    import nanoseek.engine.runner as runner_mod
+
+    model = model_of()
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(2, 96, (n,), generator=g).tolist() for n in (9, 5, 12)]
+    plain = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    want = generate(model, prompts, "model", params=plain)
+    sampled = []
+    monkeypatch.setattr(runner_mod, "sample", lambda *a, **k: sampled.append(1) or sample(*a, **k))
+    assert generate(model, prompts, "fused", params=plain) == want and not sampled
+    # stop ids the greedy rows would emit early: masked until min_tokens, then they may end a row
+    stops = sorted({t for toks, _ in want for t in toks[:3]})
+    bounded = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, min_tokens=4, stop_token_ids=stops)
+    got = generate(model, prompts, "fused", params=bounded)
+    assert sampled and got == generate(model, prompts, "model", params=bounded)
+    assert all(len(toks) >= 4 and not set(toks[:4]) & set(stops) for toks, _ in got)
+    # the op's argmax is what the rows take: a wrong one shows in every decoded token
+    real = fd.FusedDecode.op
+    monkeypatch.setattr(fd.FusedDecode, "op", lambda self, *a, **k: (real(self, *a, **k)[0], [0] * len(a[0])))
+    wrong = generate(model, prompts, "fused", params=plain)
+    assert all(toks[1:] == [0] * 7 for toks, _ in wrong)  # the first token comes from the prefill
 
 
 def test_fused_after_a_disk_cache_restart(tmp_path):
@@ -227,6 +253,15 @@ def test_an_entry_timed_before_the_row_kernels_is_timed_again(tmp_path, monkeypa
     assert set(calls) == {"model", "fused:stream", "fused:blocks"} and step.row_kernel == "stream"
 
 
+def test_more_timing_rows_than_a_block_holds(tmp_path, monkeypatch):
+    """max_num_seqs above the block size: the fused step's timing rows still get distinct slots."""
+    monkeypatch.setenv("NANOSEEK_CACHE_DIR", str(tmp_path))
+    model = model_of()
+    cache = PagedKVCache(model.config, num_blocks=8, block_size=4)
+    _, timings = fd.choose_decode_step(model, cache, ReferenceBackend(cache), "auto", max_num_seqs=9)
+    assert set(timings) == {"model", "fused:stream", "fused:blocks"} and min(timings.values()) > 0
+
+
 def test_row_kernel_names_are_checked():
     model = model_of()
     step = fd.FusedDecode(model, PagedKVCache(model.config, num_blocks=8, block_size=4))
@@ -244,6 +279,10 @@ def test_bad_inputs_name_the_problem():
         step.run(torch.tensor([1]), torch.tensor([6]), torch.tensor([1]), torch.tensor([[0, 9]]))
     with pytest.raises(RuntimeError, match="slot 99 outside the pool"):
         step.run(torch.tensor([1]), torch.tensor([1]), torch.tensor([99]), torch.tensor([[0]]))
+    with pytest.raises(RuntimeError, match="slot 3 is given to more than one row"):
+        step.op([1, 2], [1, 1], [3, 3], [0, 0])
+    with pytest.raises(RuntimeError, match="block_tables"):
+        step.op([1, 2], [1, 1], [3, 4], [0])
     with pytest.raises(RuntimeError, match="row 0 has 0 keys"):
         step.run(torch.tensor([1]), torch.tensor([0]), torch.tensor([1]), torch.tensor([[0]]))
     step.weights[1] = step.weights[1][:, :-1].contiguous()  # layer 0's q_proj, one input column short
@@ -261,6 +300,11 @@ def test_non_finite_activations_give_non_finite_logits_not_a_crash():
     logits, top = step([7, 8], [([0], 0), ([1], 0)], [0, 1])
     assert torch.isnan(logits[0]).all() and torch.isfinite(logits[1]).all()
     assert top == logits.argmax(dim=-1).tolist() == [0, top[1]]  # as torch: a NaN row's first NaN
+    with torch.no_grad():
+        model.model.embed_tokens.weight[7] = 0.5
+        model.lm_head.weight[5] = float("nan")  # one NaN logit per row, the others finite
+    logits, top = step([7, 8], [([0], 0), ([1], 0)], [0, 1])
+    assert top == logits.argmax(dim=-1).tolist() == [5, 5]
 
 
 def test_the_ops_argmax_is_torchs_on_ties():

@@ -77,3 +77,11 @@ def test_engine_results_do_not_depend_on_decode_threads():
             assert toks == ref_toks
             for a, b in zip(lps, ref_lps):
                 assert max(abs(a[k] - b[k]) for k in a) < 1e-5
+
+
+def test_a_probe_that_finds_a_faster_count_switches_at_once():
+    chooser = DecodeThreads([2, 1], window=4, min_samples=3, probe_every=32)
+    run(chooser, {2: 0.050, 1: 0.020}, 31)  # a busy host: 1 thread wins; the next probe is at step 32
+    assert chooser.best(8) == 1
+    picks = run(chooser, {2: 0.010, 1: 0.020}, 6)  # the other core is free again
+    assert picks == [2] * 6  # the probe's 3 steps, then 2 threads at once (not at the next window)

@@ -61,6 +61,10 @@ struct Scratch {
   std::vector<float> xn, qan, s, q4, o4, lat, down_out, act_e, act_m, xs, rl;
   std::vector<const float*> keys;
   nanoseek::Routing routing;
+  // each row's argmax over this thread's share of the vocabulary (-1: none yet): the largest value
+  // and its first index, and the first NaN's index
+  std::vector<float> top_v;
+  std::vector<int64_t> top_i, nan_i;
 };
 
 const float* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
@@ -189,6 +193,13 @@ std::tuple<at::Tensor, std::vector<int64_t>> mla_decode_step(
                   T[b * nb + k], " outside the pool's ", blocks);
     longest = std::max(longest, Ls[b]);
   }
+  {  // two rows writing one slot would race (and one latent would be lost)
+    std::vector<int64_t> seen(sl, sl + B);
+    std::sort(seen.begin(), seen.end());
+    const auto dup = std::adjacent_find(seen.begin(), seen.end());
+    TORCH_CHECK(dup == seen.end(), "nanoseek::mla_decode_step: slot ", dup == seen.end() ? 0 : *dup,
+                " is given to more than one row");
+  }
   const float* inv = inv_freq.data_ptr<float>();
   std::vector<float> cs(B * R);  // [B, R/2, (cos, sin)] * attn_factor, as rope_cos_sin
   for (int64_t b = 0; b < B; ++b)
@@ -220,7 +231,8 @@ std::tuple<at::Tensor, std::vector<int64_t>> mla_decode_step(
                                  std::vector<float>(BK * std::max<int64_t>(max_exp, 1)),
                                  std::vector<float>(B * std::max<int64_t>(max_mlp, 1)), std::vector<float>(BK * C),
                                  std::vector<float>(E_max), std::vector<const float*>(longest),
-                                 nanoseek::Routing(B, K, E_max)});
+                                 nanoseek::Routing(B, K, E_max), std::vector<float>(B), std::vector<int64_t>(B, -1),
+                                 std::vector<int64_t>(B, -1)});
   const unsigned int csr = _mm_getcsr();  // the caller's floating-point mode (denormals), for every thread
 
 #pragma omp parallel num_threads(threads)
@@ -385,13 +397,32 @@ std::tuple<at::Tensor, std::vector<int64_t>> mla_decode_step(
     }
     // the final norm (every thread its own copy) and the lm_head
     for (int64_t b = 0; b < B; ++b) nanoseek::rmsnorm(x.data() + b * C, FN, C, eps, xn.data() + b * C);
+    // (and each row's argmax over the thread's tasks, while their logits are in its cache)
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < blocks_of(Vout); ++t)
-      nanoseek::gemv_range(LM, C, xn.data(), C, B, OUT, Vout, kR * t, std::min(Vout, kR * t + kR), rows);
+    for (int64_t t = 0; t < blocks_of(Vout); ++t) {
+      const int64_t o0 = kR * t, o1 = std::min(Vout, kR * t + kR);
+      nanoseek::gemv_range(LM, C, xn.data(), C, B, OUT, Vout, o0, o1, rows);
+      for (int64_t b = 0; b < B; ++b)
+        nanoseek::argmax_update(OUT + b * Vout, o0, o1, sc.top_v[b], sc.top_i[b], sc.nan_i[b]);
+    }
     _mm_setcsr(own_csr);
   }
-  std::vector<int64_t> top(B);
-  for (int64_t b = 0; b < B; ++b) top[b] = nanoseek::argmax(OUT + b * Vout, Vout);
+  // a static schedule gives thread t a contiguous share of the tasks, ascending with t: merged in
+  // thread order, the first maximum (or NaN) of the shares is the first of the row, as torch.argmax
+  std::vector<int64_t> top(B, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    float best = 0.f;
+    int64_t at = -1;
+    for (int t = 0; t < threads; ++t) {
+      const Scratch& sc = scratch[t];
+      if (sc.nan_i[b] >= 0) {
+        at = sc.nan_i[b];
+        break;
+      }
+      if (sc.top_i[b] >= 0 && (at < 0 || sc.top_v[b] > best)) best = sc.top_v[b], at = sc.top_i[b];
+    }
+    top[b] = at;
+  }
   return {logits, top};
 }
 

@@ -54,14 +54,17 @@ inline void swiglu_row(const float* h, int64_t I, float* out) {
   for (; i < I; ++i) out[i] = silu_mul(h[i], h[I + i]);
 }
 
-// the index of x's largest value, as torch.argmax gives it: the first maximum, or the first NaN
-inline int64_t argmax(const float* x, int64_t n) {
-  int64_t best = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (std::isnan(x[i])) return i;
-    if (x[i] > x[best]) best = i;
+// a running argmax over x[o0, o1) as torch.argmax keeps it, for calls over ascending ranges: the
+// largest value and its first index (best_i < 0: none yet), and the first NaN's index (< 0: none)
+inline void argmax_update(const float* x, int64_t o0, int64_t o1, float& best_v, int64_t& best_i, int64_t& nan_i) {
+  if (nan_i >= 0) return;
+  for (int64_t o = o0; o < o1; ++o) {
+    if (std::isnan(x[o])) {
+      nan_i = o;
+      return;
+    }
+    if (best_i < 0 || x[o] > best_v) best_v = x[o], best_i = o;
   }
-  return best;
 }
 
 // rows n < N of X (stride xs) times weight rows [o0, o1) of W ([*, I], rows contiguous) -> Y[n * ys + o - o0]

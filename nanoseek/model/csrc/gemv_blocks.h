@@ -130,8 +130,8 @@ inline void row_dots(const float* w, const float* x, int64_t xs, int64_t I, floa
 // How gemv_range runs the activation rows left over from fours (all of them below 4 rows):
 // kBlocks: 4 weight rows side by side (4x2 and 4x1 register blocks); kStream: one weight row at a
 // time, front to back, against up to 3 activation rows. With short rows (128-512 floats) the
-// blocks make 4 short streams per thread, and the fused decode step ran ~17 % faster at batch 1 with
-// one long stream on a Zen 3 host (bench/RESULTS.md, "Eighth session"); hosts differ, so the
+// blocks make 4 short streams per thread, and the fused decode step ran 1.14-1.23x as fast at batch
+// 1 with one long stream on a Zen 3 host (bench/RESULTS.md, "Eighth session"); hosts differ, so the
 // engine measures both (fused_decode.choose_decode_step).
 enum class Rows { kBlocks, kStream };
 
