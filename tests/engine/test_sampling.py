@@ -206,3 +206,22 @@ def test_logprobs_are_the_models_raw_log_softmax():
 def test_batch_shape_mismatch_is_named():
     with pytest.raises(ValueError, match="params has 1 rows, logits have 2"):
         sample(torch.zeros(2, V), [SamplingParams()], [[], []], [[], []])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_greedy_is_the_argmax_of_the_raw_logits(dtype):
+    """The runner gives plain greedy rows the argmax of their logits without sample(): for those
+    params sample() must choose exactly that, ties and NaN rows included."""
+    from nanoseek.engine.structured import StructuredOutputs
+
+    logits = torch.randn(4, V).to(dtype)
+    logits[1, [3, 7]] = logits[1].max() + 1  # a tie: the first
+    logits[2, 5] = float("nan")  # a NaN: the first NaN, as torch.argmax
+    logits[3] = -math.inf
+    plain = SamplingParams(temperature=0)
+    assert plain.is_plain_greedy
+    out = sample(logits, [plain] * 4, [[1]] * 4, [[]] * 4)
+    assert out.token_ids.tolist() == logits.argmax(dim=-1).tolist() == [out.token_ids[0].item(), 3, 5, 0]
+    for kw in (dict(temperature=0.5), dict(logprobs=0), dict(presence_penalty=0.5), dict(repetition_penalty=1.2),
+               dict(structured_outputs=StructuredOutputs(regex="a+"))):
+        assert not SamplingParams(**kw).is_plain_greedy, kw
