@@ -12,7 +12,8 @@ new latent into the pool exactly where the eager step would, so prefill, prefix 
 the disk cache work unchanged around it. Any batch size, no buckets, no compile.
 
 It covers what it was written for (fp32 weights and cache on a CPU with nanoseek's kernels, MLA,
-softmax scores with greedy top-K as in DeepSeek-V2 and V2-Lite, no biases); `unsupported` says why
+the routing of DeepSeek-V2-Lite (softmax, greedy top-K), V2 (group-limited) and V3 (sigmoid,
+noaux_tc with its score-correction bias), no biases in projections); `unsupported` says why
 anything else takes the model's own step. LLMEngine times it, with each of its row kernels
 (ROW_KERNELS), against that step on the engine's shapes at start and keeps the fastest
 (choose_decode_step), as for every other kernel.
@@ -37,7 +38,8 @@ from nanoseek.model.transformer import CausalLM
 # a layer's weights in the order of cpu_decode.cpp's Slot enum (None: this layer has none)
 SLOTS = ("input_layernorm", "q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa",
          "kv_a_layernorm", "kv_b_proj", "o_proj", "post_attention_layernorm", "gate_proj", "up_proj", "down_proj",
-         "router", "experts.gate_up_proj", "experts.down_proj")
+         "router", "router.e_score_correction_bias", "experts.gate_up_proj", "experts.down_proj")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")  # routing.h's TopK, in order
 
 
 def page_aligned_buffer(numel: int) -> torch.Tensor:
@@ -59,8 +61,9 @@ def unsupported(model: CausalLM, cache: PagedKVCache) -> str | None:
     cfg = model.config
     if not cfg.is_mla:
         return "not an MLA model"
-    if cfg.scoring_func != "softmax" or cfg.topk_method != "greedy":
-        return f"routing {cfg.scoring_func} + {cfg.topk_method} (the fused step has softmax + greedy)"
+    if cfg.n_routed_experts and (cfg.scoring_func not in ("softmax", "sigmoid") or cfg.topk_method not in TOPK_METHODS):
+        return (f"routing {cfg.scoring_func} + {cfg.topk_method} (the fused step has softmax or sigmoid with "
+                f"{', '.join(TOPK_METHODS)})")
     if cache.dtype != torch.float32 or cache.device.type != "cpu":
         return f"a {cache.dtype} cache on {cache.device} (the fused step takes fp32 on a CPU)"
     for name, p in [*model.named_parameters(), *model.named_buffers()]:
@@ -97,7 +100,8 @@ def layer_weights(model: CausalLM) -> list[torch.Tensor | None]:
                 attn.o_proj.weight, block.post_attention_layernorm.weight,
                 *((dense.gate_proj.weight, dense.up_proj.weight, dense.down_proj.weight) if dense is not None
                   else (empty, empty, empty)),
-                *((mlp.gate.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj) if moe else (empty,) * 3)]
+                *((mlp.gate.weight, mlp.gate.e_score_correction_bias, mlp.experts.gate_up_proj,
+                   mlp.experts.down_proj) if moe else (empty,) * 4)]
     assert len(out) == len(SLOTS) * len(model.model.layers), "layer_weights and SLOTS disagree"
     return out + [model.model.embed_tokens.weight, model.model.norm.weight, model.lm_head.weight]
 
@@ -122,7 +126,9 @@ class FusedDecode:
         self.dims = [cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
                      cfg.kv_lora_rank, cfg.num_experts_per_tok or 0, int(bool(cfg.norm_topk_prob)),
                      int(cfg.rope_is_interleaved), int(cfg.model_type == "deepseek_v3"),  # V3 scales normalised weights
-                     0]  # the row kernel, set below
+                     0,  # the row kernel, set below
+                     int(cfg.scoring_func == "sigmoid"), TOPK_METHODS.index(cfg.topk_method) if cfg.n_routed_experts else 0,
+                     cfg.n_group or 1, cfg.topk_group or 1]
         self.row_kernel = row_kernel
         self.params = [cfg.rms_norm_eps, cfg.softmax_scale, float(cfg.routed_scaling_factor or 1.0),
                        float(model.rope_attn_factor)]

@@ -15,7 +15,7 @@ from nanoseek.engine.sampling import SamplingParams, sample
 from nanoseek.model import cpu_kernels, linear as lin
 from nanoseek.model.backend import DenseCache
 from nanoseek.model.transformer import build_model
-from tests.conftest import tiny_llama, tiny_v2, tiny_v2_grouped, tiny_v3
+from tests.conftest import tiny_llama, tiny_v2
 
 WHY = cpu_kernels.unsupported()
 # where the host can build the kernels, the build must succeed: only a host without AVX2/FMA or a compiler skips
@@ -30,11 +30,27 @@ VARIANTS = {  # what the fused step covers: plain V2; q_lora + YaRN; normalised 
     "scaled": dict(routed_scaling_factor=2.5, n_shared_experts=None),
     # V3's rule (deepseek_v3 with softmax + greedy): normalised weights are still scaled
     "v3_rule": dict(model_type="deepseek_v3", norm_topk_prob=True, routed_scaling_factor=2.5),
+    "v2_grouped": "v2_grouped",  # full V2: group-limited greedy over 4 groups, q_lora, YaRN
+    "v3": "v3",  # sigmoid scores, noaux_tc over groups with a score-correction bias, q_lora, YaRN
 }
 
 
 def model_of(**kw):
+    if kw.get("variant"):  # a whole tiny config of another family (conftest.TINY)
+        from tests.conftest import TINY
+
+        model = build_model(TINY[kw.pop("variant")](eos_token_id=None, **kw), seed=3).eval()
+        with torch.no_grad():  # V3's bias moves the choice, not the weights: make it matter
+            for m in model.modules():
+                if getattr(m, "e_score_correction_bias", None) is not None:
+                    m.e_score_correction_bias.copy_(torch.randn_like(m.e_score_correction_bias) * 0.3)
+        return model
     return build_model(tiny_v2(eos_token_id=None, **kw), seed=3).eval()
+
+
+def variant_model(variant):
+    v = VARIANTS[variant]
+    return model_of(variant=v) if isinstance(v, str) else model_of(**v)
 
 
 def generate(model, prompts, decode_kernel, n=1, seed=None, params=None, **kw):
@@ -67,7 +83,7 @@ def assert_same(got, want, tol=1e-4):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fused_equals_model_step(variant):
-    model = model_of(**VARIANTS[variant])
+    model = variant_model(variant)
     g = torch.Generator().manual_seed(0)
     shared = torch.randint(2, 96, (9,), generator=g).tolist()
     # B = 4: two prompts share a 9-token prefix (prefix hits), the others are distinct lengths
@@ -125,8 +141,14 @@ def test_fused_after_a_disk_cache_restart(tmp_path):
     assert generate.disk_hits > 0  # the second engine read the prompt's blocks from disk
 
 
-SHAPES = {  # q_lora; 6 heads (a short last group of 4) with widths that are not multiples of 8; no experts
+SHAPES = {  # q_lora; 6 heads (a short last group of 4) with widths that are not multiples of 8; no experts;
+    # V3's routing (sigmoid, noaux_tc with a bias) and V2's group-limited one over 16 experts in 4 groups
     "q_lora": dict(q_lora_rank=24),
+    "v3_routing": dict(model_type="deepseek_v3", q_lora_rank=24, topk_method="noaux_tc", scoring_func="sigmoid",
+                       n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5, n_routed_experts=16,
+                       num_experts_per_tok=3),
+    "v2_grouped": dict(topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=2.0,
+                       n_routed_experts=16, num_experts_per_tok=3),
     "odd": dict(num_attention_heads=6, kv_lora_rank=36, qk_rope_head_dim=6, qk_nope_head_dim=10, v_head_dim=12,
                 moe_intermediate_size=20, hidden_size=72),
     "dense": dict(n_routed_experts=None, first_k_dense_replace=0, num_experts_per_tok=None),
@@ -143,6 +165,10 @@ def test_op_logits_and_latents_equal_the_model_forward(shape, threads, row_kerne
     4 and 2 more)."""
     cfg = tiny_v2(**SHAPES[shape])
     model = build_model(cfg, seed=5).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "e_score_correction_bias", None) is not None:
+                m.e_score_correction_bias.copy_(torch.randn_like(m.e_score_correction_bias) * 0.3)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     T, bs = 7, 4
@@ -169,6 +195,13 @@ def test_op_logits_and_latents_equal_the_model_forward(shape, threads, row_kerne
             slot = tables[b][T // bs] * bs + T % bs
             torch.testing.assert_close(pool.view(-1, pool.shape[-1])[slot], dense.buffers[layer][b, T],
                                        atol=1e-5, rtol=1e-5)
+    if shape == "v3_routing":  # the bias moves the choice: without it the step must differ
+        with torch.no_grad():
+            for m in model.modules():
+                if getattr(m, "e_score_correction_bias", None) is not None:
+                    m.e_score_correction_bias.zero_()
+        unbiased, _ = step(ids[:, T].tolist(), [(tables[b], T) for b in range(B)], list(range(B)))
+        assert not torch.allclose(unbiased, got, atol=1e-3)
 
 
 def test_packing_keeps_one_copy_and_the_model_unchanged():
@@ -197,8 +230,8 @@ def test_column_major_weights_are_copied_then_released():
     assert model.lm_head.weight.data_ptr() == step.weights[-1].data_ptr()
 
 
-@pytest.mark.parametrize("make_cfg, why", [(tiny_llama, "not an MLA model"), (tiny_v3, "sigmoid + noaux_tc"),
-                                           (tiny_v2_grouped, "softmax + group_limited_greedy")])
+@pytest.mark.parametrize("make_cfg, why", [(tiny_llama, "not an MLA model"),
+                                           (lambda: tiny_v2(q_lora_rank=24, attention_bias=True), "no biases")])
 def test_unsupported_models_say_why_and_take_the_model_step(make_cfg, why):
     model = build_model(make_cfg(), seed=0).eval()
     cache = PagedKVCache(model.config, num_blocks=8, block_size=4)

@@ -14,7 +14,8 @@
 //      pool), the absorbed queries [q_nope @ W_UK | rope(q_pe)], attention over the row's latents in
 //      the pool (latent_attention.h), o = o_lat @ W_UV^T
 //   3. barrier; tasks of 12 rows of o_proj, added into the residual x
-//   4. barrier; every thread: xn = rmsnorm(x) and, for MoE, the routing (softmax, greedy top-K)
+//   4. barrier; every thread: xn = rmsnorm(x) and, for MoE, the routing (routing.h: V2's softmax with
+//      greedy or group-limited top-K, V3's sigmoid with noaux_tc)
 //   5. per thread, an even contiguous share of the [gate | up] rows of the active experts and of the
 //      shared (or dense) MLP
 //   6. barrier; every thread: SwiGLU of all rows; one contiguous share of the down rows per thread:
@@ -36,6 +37,7 @@
 
 #include "decode_ops.h"
 #include "latent_attention.h"
+#include "routing.h"
 
 namespace {
 
@@ -44,15 +46,15 @@ constexpr int64_t kR = nanoseek::kRowsPerTask;
 // where each of a layer's weights sits in the flat list (an empty tensor where the layer has none);
 // kGate/kUp/kDown are the dense MLP of a dense layer and the shared experts of an MoE layer
 enum Slot : int64_t {
-  kInNorm, kQ, kQA, kQANorm, kQB, kKVA, kKVANorm, kKVB, kO, kPostNorm, kGate, kUp, kDown, kRouter, kExpGateUp,
-  kExpDown, kSlots
+  kInNorm, kQ, kQA, kQANorm, kQB, kKVA, kKVANorm, kKVB, kO, kPostNorm, kGate, kUp, kDown, kRouter, kRouterBias,
+  kExpGateUp, kExpDown, kSlots
 };
 
 inline int64_t blocks_of(int64_t n) { return (n + kR - 1) / kR; }
 
 struct Layer {
   const float *in_norm, *q, *qa, *qa_norm, *qb, *kva, *kva_norm, *kvb, *o, *post_norm, *gate, *up, *down, *router,
-      *exp_gu, *exp_down;
+      *router_bias, *exp_gu, *exp_down;
   int64_t mlp_inter, exp_inter;  // the dense (or shared) MLP's and each routed expert's intermediate size
   float* pool;
 };
@@ -86,18 +88,22 @@ void check_weight(const at::Tensor& t, int64_t layer, const char* name, std::ini
 // pools: one [blocks, block_size, L + R] per layer (written: the new latents). weights: kSlots per
 // layer, then embed_tokens [V, C], norm [C], lm_head [V, C]. inv_freq [R/2] fp32. dims: H, Dn, R, Dv,
 // L, K, norm_topk_prob, interleaved rope, routed_scaling_factor also on normalised weights (V3), the
-// few-rows kernel (1: Rows::kStream, 0: kBlocks; gemv_blocks.h). params: rms eps, softmax scale,
+// few-rows kernel (1: Rows::kStream, 0: kBlocks; gemv_blocks.h), sigmoid scores, the top-K method
+// (routing.h's TopK), n_group, topk_group. params: rms eps, softmax scale,
 // routed_scaling_factor, rope's attention factor. Returns the logits [B, V] and each row's argmax (as
 // torch.argmax: the first maximum, or the first NaN), which is all a greedy row needs.
 std::tuple<at::Tensor, std::vector<int64_t>> mla_decode_step(
     at::IntArrayRef ids, at::IntArrayRef seq_lens, at::IntArrayRef slot_mapping, at::IntArrayRef block_tables,
     at::TensorList pools, at::TensorList weights, const at::Tensor& inv_freq, at::IntArrayRef dims,
     at::ArrayRef<double> params) {
-  TORCH_CHECK(dims.size() == 10 && params.size() == 4, "nanoseek::mla_decode_step: dims [10] and params [4]");
+  TORCH_CHECK(dims.size() == 14 && params.size() == 4, "nanoseek::mla_decode_step: dims [14] and params [4]");
   const int64_t H = dims[0], Dn = dims[1], R = dims[2], Dv = dims[3], L = dims[4], K = dims[5];
   const bool normalise = dims[6] != 0 && K > 1, interleaved = dims[7] != 0, scale_normalised = dims[8] != 0;
   const nanoseek::Rows rows = dims[9] != 0 ? nanoseek::Rows::kStream : nanoseek::Rows::kBlocks;
-  const float eps = params[0], scale = params[1], rsf = params[2], attn_factor = params[3];
+  TORCH_CHECK(dims[11] >= 0 && dims[11] <= 2, "nanoseek::mla_decode_step: top-K method ", dims[11], " unknown");
+  const nanoseek::RouteSpec route{K, dims[12], dims[13], dims[10] != 0, static_cast<nanoseek::TopK>(dims[11]),
+                                  normalise, scale_normalised, static_cast<float>(params[2])};
+  const float eps = params[0], scale = params[1], attn_factor = params[3];  // params[2]: in route
   const int64_t n_layers = static_cast<int64_t>(pools.size()), D = L + R, Dq = Dn + R;
   TORCH_CHECK(n_layers >= 1 && static_cast<int64_t>(weights.size()) == kSlots * n_layers + 3,
               "nanoseek::mla_decode_step: ", kSlots, " weights per layer and 3 more, got ", weights.size(),
@@ -156,6 +162,14 @@ std::tuple<at::Tensor, std::vector<int64_t>> mla_decode_step(
       y.exp_inter = w[kExpDown].size(2);
       TORCH_CHECK(y.exp_inter > 0, "nanoseek::mla_decode_step: layer ", l, "'s experts have no rows");
       check_weight(w[kRouter], l, "gate (router)", {E, C});
+      if (w[kRouterBias].numel()) check_weight(w[kRouterBias], l, "gate.e_score_correction_bias", {E});
+      if (route.method != nanoseek::TopK::kGreedy) {
+        const int64_t G = route.n_group, per = G > 0 ? E / G : 0;
+        TORCH_CHECK(G >= 1 && E % G == 0 && route.topk_group >= 1 && route.topk_group <= G &&
+                        route.topk_group * per >= K && (route.method != nanoseek::TopK::kNoAuxTC || per >= 2),
+                    "nanoseek::mla_decode_step: layer ", l, "'s ", E, " experts cannot take n_group=", G,
+                    ", topk_group=", route.topk_group, " and K=", K);
+      }
       check_weight(w[kExpGateUp], l, "experts.gate_up_proj", {E, 2 * y.exp_inter, C});
       check_weight(w[kExpDown], l, "experts.down_proj", {E, C, y.exp_inter});
       E_max = std::max(E_max, E);
@@ -172,7 +186,8 @@ std::tuple<at::Tensor, std::vector<int64_t>> mla_decode_step(
     y.in_norm = ptr(w[kInNorm]), y.q = ptr(w[kQ]), y.qa = ptr(w[kQA]), y.qa_norm = ptr(w[kQANorm]);
     y.qb = ptr(w[kQB]), y.kva = ptr(w[kKVA]), y.kva_norm = ptr(w[kKVANorm]), y.kvb = ptr(w[kKVB]);
     y.o = ptr(w[kO]), y.post_norm = ptr(w[kPostNorm]), y.gate = ptr(w[kGate]), y.up = ptr(w[kUp]);
-    y.down = ptr(w[kDown]), y.router = ptr(w[kRouter]), y.exp_gu = ptr(w[kExpGateUp]);
+    y.down = ptr(w[kDown]), y.router = ptr(w[kRouter]), y.router_bias = ptr(w[kRouterBias]);
+    y.exp_gu = ptr(w[kExpGateUp]);
     y.exp_down = ptr(w[kExpDown]), y.pool = pool.data_ptr<float>();
   }
   const int64_t Lq = layers[0].q ? 0 : weights[kQA].size(0);  // q_lora_rank (0: none), one for all layers
@@ -231,7 +246,7 @@ std::tuple<at::Tensor, std::vector<int64_t>> mla_decode_step(
                                  std::vector<float>(BK * std::max<int64_t>(max_exp, 1)),
                                  std::vector<float>(B * std::max<int64_t>(max_mlp, 1)), std::vector<float>(BK * C),
                                  std::vector<float>(E_max), std::vector<const float*>(longest),
-                                 nanoseek::Routing(B, K, E_max), std::vector<float>(B), std::vector<int64_t>(B, -1),
+                                 nanoseek::Routing(B, K, E_max, route.n_group), std::vector<float>(B), std::vector<int64_t>(B, -1),
                                  std::vector<int64_t>(B, -1)});
   const unsigned int csr = _mm_getcsr();  // the caller's floating-point mode (denormals), for every thread
 
@@ -312,34 +327,16 @@ std::tuple<at::Tensor, std::vector<int64_t>> mla_decode_step(
         for (int64_t b = 0; b < B; ++b)
           for (int64_t c = o0; c < o1; ++c) x[b * C + c] += yo[b * C + c];
       }
-      // 4: every thread: the post-attention norm and, in an MoE layer, the routing (softmax, greedy
-      // top-K) of every row, grouped by expert. The same inputs and code give every thread the same
-      // choice; ~E * C * B multiply-adds, less than a barrier's wait at the batch sizes of decode.
+      // 4: every thread: the post-attention norm and, in an MoE layer, the routing of every row
+      // (routing.h), grouped by expert. The same inputs and code give every thread the same choice;
+      // ~E * C * B multiply-adds, less than a barrier's wait at the batch sizes of decode.
       const int64_t E = w.router ? weights[kSlots * l + kRouter].size(0) : 0;
       for (int64_t b = 0; b < B; ++b) nanoseek::rmsnorm(x.data() + b * C, w.post_norm, C, eps, xn.data() + b * C);
       int64_t P = 0, A = 0;
       if (E) {
         for (int64_t b = 0; b < B; ++b) {
           nanoseek::gemv_range(w.router, C, xn.data() + b * C, C, 1, rl.data(), E, 0, E, rows);
-          float mx = rl[0], sum = 0.f;
-          for (int64_t e = 1; e < E; ++e) mx = std::max(mx, rl[e]);
-          for (int64_t e = 0; e < E; ++e) sum += (rl[e] = std::exp(rl[e] - mx));
-          for (int64_t e = 0; e < E; ++e) rl[e] /= sum;
-          std::fill_n(rt.taken.data(), E, 0);
-          float chosen = 0.f;
-          for (int64_t k = 0; k < K; ++k) {  // the K best scores, the lower id first on a tie (NaN: the first)
-            int64_t best = -1;
-            for (int64_t e = 0; e < E; ++e)
-              if (!rt.taken[e] && (best < 0 || rl[e] > rl[best])) best = e;
-            rt.taken[best] = 1;
-            rt.id[b * K + k] = best;
-            chosen += (rt.w[b * K + k] = rl[best]);
-          }
-          for (int64_t k = 0; k < K; ++k) {  // the weights as nanoseek.model.moe.route gives them
-            float& wk = rt.w[b * K + k];
-            if (normalise) wk /= chosen + 1e-20f;
-            if ((!normalise || scale_normalised) && rsf != 1.f) wk *= rsf;
-          }
+          rt.route(b, rl.data(), w.router_bias, E, route);
         }
         A = rt.group(B, K, E);  // (row, expert) pairs by expert: rt.active, rt.start, rt.count, rt.row, rt.pw
         for (int64_t p = 0; p < B * K; ++p)  // the rows, packed by expert

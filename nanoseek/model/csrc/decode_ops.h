@@ -73,34 +73,4 @@ inline void gemv_rows(const float* W, int64_t I, const float* X, int64_t xs, int
   gemv_range(W + o0 * I, I, X, xs, N, Y, ys, 0, o1 - o0, rows);
 }
 
-// the routing of one MoE layer as one thread sees it: each row's K experts and weights, then the
-// (row, expert) pairs grouped by expert (experts ascending, rows ascending within one)
-struct Routing {
-  std::vector<int64_t> id, row, active, start, count;
-  std::vector<float> w, pw;
-  std::vector<char> taken;
-  Routing(int64_t B, int64_t K, int64_t E)
-      : id(B * std::max<int64_t>(K, 1)), row(B * std::max<int64_t>(K, 1)), active(E), start(E), count(E + 1),
-        w(B * std::max<int64_t>(K, 1)), pw(B * std::max<int64_t>(K, 1)), taken(E) {}
-
-  // fills active/start/count (per active expert) and row/pw (per pair); returns the active experts
-  int64_t group(int64_t B, int64_t K, int64_t E) {
-    std::fill_n(count.data(), E + 1, 0);
-    for (int64_t p = 0; p < B * K; ++p) ++count[id[p] + 1];
-    for (int64_t e = 0; e < E; ++e) count[e + 1] += count[e];  // count[e]: pairs of experts below e
-    std::copy_n(count.data(), E, start.data());                 // where expert e's pairs go
-    for (int64_t p = 0; p < B * K; ++p) {                        // rows ascending within an expert
-      const int64_t at = start[id[p]]++;
-      row[at] = p / K, pw[at] = w[p];
-    }
-    int64_t A = 0;
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t first = count[e], n = count[e + 1] - count[e];
-      if (n) active[A] = e, start[A] = first, ++A;
-    }
-    for (int64_t a = 0; a < A; ++a) count[a] = (a + 1 < A ? start[a + 1] : B * K) - start[a];
-    return A;
-  }
-};
-
 }  // namespace nanoseek
