@@ -127,8 +127,9 @@ class FusedDecode:
                      cfg.kv_lora_rank, cfg.num_experts_per_tok or 0, int(bool(cfg.norm_topk_prob)),
                      int(cfg.rope_is_interleaved), int(cfg.model_type == "deepseek_v3"),  # V3 scales normalised weights
                      0,  # the row kernel, set below
-                     int(cfg.scoring_func == "sigmoid"), TOPK_METHODS.index(cfg.topk_method) if cfg.n_routed_experts else 0,
-                     cfg.n_group or 1, cfg.topk_group or 1]
+                     int(cfg.scoring_func == "sigmoid"),
+                     TOPK_METHODS.index(cfg.topk_method) if cfg.n_routed_experts else 0, cfg.n_group or 1,
+                     cfg.topk_group or 1]
         self.row_kernel = row_kernel
         self.params = [cfg.rms_norm_eps, cfg.softmax_scale, float(cfg.routed_scaling_factor or 1.0),
                        float(model.rope_attn_factor)]

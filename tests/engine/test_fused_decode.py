@@ -282,7 +282,8 @@ def test_an_entry_timed_before_the_row_kernels_is_timed_again(tmp_path, monkeypa
     lin.save_host_cache({key: {"kernel": "model", "us": {"model": 1.0, "fused": 2.0}}})  # an older entry
     calls = []
     step, _ = fd.choose_decode_step(model, cache, ReferenceBackend(cache), "auto", max_num_seqs=4,
-                                    timer=lambda name, fn: calls.append(name) or (1e-3 if name == "fused:stream" else 2e-3))
+                                    timer=lambda name, fn: calls.append(name) or (1e-3 if name == "fused:stream"
+                                                                                  else 2e-3))
     assert set(calls) == {"model", "fused:stream", "fused:blocks"} and step.row_kernel == "stream"
 
 

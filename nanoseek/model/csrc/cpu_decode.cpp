@@ -246,8 +246,8 @@ std::tuple<at::Tensor, std::vector<int64_t>> mla_decode_step(
                                  std::vector<float>(BK * std::max<int64_t>(max_exp, 1)),
                                  std::vector<float>(B * std::max<int64_t>(max_mlp, 1)), std::vector<float>(BK * C),
                                  std::vector<float>(E_max), std::vector<const float*>(longest),
-                                 nanoseek::Routing(B, K, E_max, route.n_group), std::vector<float>(B), std::vector<int64_t>(B, -1),
-                                 std::vector<int64_t>(B, -1)});
+                                 nanoseek::Routing(B, K, E_max, route.n_group), std::vector<float>(B),
+                                 std::vector<int64_t>(B, -1), std::vector<int64_t>(B, -1)});
   const unsigned int csr = _mm_getcsr();  // the caller's floating-point mode (denormals), for every thread
 
 #pragma omp parallel num_threads(threads)

@@ -39,8 +39,8 @@ struct Routing {
   std::vector<char> taken;
   Routing(int64_t B, int64_t K, int64_t E, int64_t G)
       : id(B * std::max<int64_t>(K, 1)), row(B * std::max<int64_t>(K, 1)), active(E), start(E), count(E + 1),
-        w(B * std::max<int64_t>(K, 1)), pw(B * std::max<int64_t>(K, 1)), choice(E), group_score(std::max<int64_t>(G, 1)),
-        taken(std::max(E, G)) {}
+        w(B * std::max<int64_t>(K, 1)), pw(B * std::max<int64_t>(K, 1)), choice(E),
+        group_score(std::max<int64_t>(G, 1)), taken(std::max(E, G)) {}
 
   // row b's experts and weights from its router logits s [E] (overwritten with its scores); bias [E]
   // (noaux_tc's e_score_correction_bias) or nullptr
