@@ -319,6 +319,13 @@ def test_bad_inputs_name_the_problem():
         step.op([1, 2], [1, 1], [3, 4], [0])
     with pytest.raises(RuntimeError, match="row 0 has 0 keys"):
         step.run(torch.tensor([1]), torch.tensor([0]), torch.tensor([1]), torch.tensor([[0]]))
+    step.dims[11:14] = [1, 3, 2]  # group-limited over 3 groups: 8 experts do not split
+    with pytest.raises(RuntimeError, match="8 experts cannot take n_group=3, topk_group=2"):
+        step([1], [([0], 0)], [0])
+    step.dims[11:14] = [2, 4, 2]  # noaux_tc without a bias
+    with pytest.raises(RuntimeError, match="needs its gate.e_score_correction_bias"):
+        step([1], [([0], 0)], [0])
+    step.dims[11:14] = [0, 1, 1]
     step.weights[1] = step.weights[1][:, :-1].contiguous()  # layer 0's q_proj, one input column short
     with pytest.raises(RuntimeError, match="layer 0's q_proj has shape"):
         step([1], [([0], 0)], [0])

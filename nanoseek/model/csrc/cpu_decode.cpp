@@ -162,6 +162,8 @@ std::tuple<at::Tensor, std::vector<int64_t>> mla_decode_step(
       y.exp_inter = w[kExpDown].size(2);
       TORCH_CHECK(y.exp_inter > 0, "nanoseek::mla_decode_step: layer ", l, "'s experts have no rows");
       check_weight(w[kRouter], l, "gate (router)", {E, C});
+      TORCH_CHECK(route.method != nanoseek::TopK::kNoAuxTC || w[kRouterBias].numel(), "nanoseek::mla_decode_step: ",
+                  "layer ", l, "'s noaux_tc routing needs its gate.e_score_correction_bias");
       if (w[kRouterBias].numel()) check_weight(w[kRouterBias], l, "gate.e_score_correction_bias", {E});
       if (route.method != nanoseek::TopK::kGreedy) {
         const int64_t G = route.n_group, per = G > 0 ? E / G : 0;
