@@ -15,8 +15,8 @@ probe: at first and at each probe it costs one step, not min_samples (idle 2 cor
 11.3 ms with 1 thread against 6.9 with 2; each wasted step was ~1 % of a 64-token run). Between
 probes the best count is recomputed after each probe and every `window` steps, not on every pick
 (a pick runs right after a step has left the caches cold, where two medians cost ~30 us); so a
-count found far slower in the first steps is looked at again after `window` steps at the earliest. Prefill keeps the process's
-thread count (large matmuls use both cores well).
+count found far slower in the first steps is looked at again after `window` steps at the earliest.
+Prefill keeps the process's thread count (large matmuls use both cores well).
 """
 
 from __future__ import annotations
@@ -44,9 +44,7 @@ class DecodeThreads:
         probing = phase < probe_steps
         if not probing and phase != probe_steps and n % self.window and key in self._best:
             return self._best[key]  # (recomputed right after a probe, and every `window` steps)
-        times = self._times.get(key)
-        if times is None:
-            times = self._times[key] = {c: deque(maxlen=self.window) for c in self.candidates}
+        times = self._times_of(key)
         for c in self.candidates:  # first every count gets its samples, unless its first step was far slower
             if len(times[c]) < self.min_samples and not self._far_slower(times, c):
                 return c
@@ -65,10 +63,15 @@ class DecodeThreads:
         return any(d != c and times[d] and min(times[c]) > self.slower * statistics.median(times[d])
                    for d in self.candidates)
 
-    def record(self, key, threads: int, seconds: float) -> None:
+    def _times_of(self, key) -> dict[int, deque]:
+        """Each count's recent step times for this key (made on first use, not on every call)."""
         times = self._times.get(key)
         if times is None:
             times = self._times[key] = {c: deque(maxlen=self.window) for c in self.candidates}
+        return times
+
+    def record(self, key, threads: int, seconds: float) -> None:
+        times = self._times_of(key)
         if threads not in times:
             times[threads] = deque(maxlen=self.window)
         times[threads].append(seconds)

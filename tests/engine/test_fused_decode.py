@@ -40,12 +40,17 @@ def model_of(**kw):
         from tests.conftest import TINY
 
         model = build_model(TINY[kw.pop("variant")](eos_token_id=None, **kw), seed=3).eval()
-        with torch.no_grad():  # V3's bias moves the choice, not the weights: make it matter
-            for m in model.modules():
-                if getattr(m, "e_score_correction_bias", None) is not None:
-                    m.e_score_correction_bias.copy_(torch.randn_like(m.e_score_correction_bias) * 0.3)
+        set_router_bias(model, lambda b: b.copy_(torch.randn_like(b) * 0.3))  # V3's bias moves the choice
         return model
     return build_model(tiny_v2(eos_token_id=None, **kw), seed=3).eval()
+
+
+def set_router_bias(model, fill) -> None:
+    """fill(bias) on every router's e_score_correction_bias (V3's; other routers have none)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "e_score_correction_bias", None) is not None:
+                fill(m.e_score_correction_bias)
 
 
 def variant_model(variant):
@@ -165,10 +170,7 @@ def test_op_logits_and_latents_equal_the_model_forward(shape, threads, row_kerne
     4 and 2 more)."""
     cfg = tiny_v2(**SHAPES[shape])
     model = build_model(cfg, seed=5).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if getattr(m, "e_score_correction_bias", None) is not None:
-                m.e_score_correction_bias.copy_(torch.randn_like(m.e_score_correction_bias) * 0.3)
+    set_router_bias(model, lambda b: b.copy_(torch.randn_like(b) * 0.3))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     T, bs = 7, 4
@@ -196,10 +198,7 @@ def test_op_logits_and_latents_equal_the_model_forward(shape, threads, row_kerne
             torch.testing.assert_close(pool.view(-1, pool.shape[-1])[slot], dense.buffers[layer][b, T],
                                        atol=1e-5, rtol=1e-5)
     if shape == "v3_routing":  # the bias moves the choice: without it the step must differ
-        with torch.no_grad():
-            for m in model.modules():
-                if getattr(m, "e_score_correction_bias", None) is not None:
-                    m.e_score_correction_bias.zero_()
+        set_router_bias(model, torch.Tensor.zero_)
         unbiased, _ = step(ids[:, T].tolist(), [(tables[b], T) for b in range(B)], list(range(B)))
         assert not torch.allclose(unbiased, got, atol=1e-3)
 
